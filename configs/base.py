@@ -1,0 +1,137 @@
+"""The full set of config keys, with defaults. Every other config starts here.
+
+Keys are fixed: ``--config.a.b=v`` may only override a key that exists below, which
+is how vdiff catches typos (``train.trian`` -> "did you mean train.steps?").
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- data: the built-in "shapes" dataset or an ingested ArrayRecord folder.
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "shapes"  # "shapes" (generated into WORKDIR/data on first use) or "records"
+    d.root = ""  # ArrayRecord folder for name="records"; default WORKDIR/data
+    d.num_train = 2048  # shapes clips in the train split
+    d.num_val = 128
+    d.resolution = 32  # shapes clips are square
+    d.frames = 16  # frames per training clip
+    d.fps = 8.0
+    d.max_shapes = 3  # shapes per clip (1..max_shapes)
+    d.synth_workers = 2  # processes for synth and ingest
+    d.audio = True
+    d.sample_rate = 16000
+    d.n_mels = 64
+    d.hop = 160
+    d.caption_len = 32  # tokens after pad/truncate
+    d.vocab_size = 512  # sentencepiece vocabulary
+    d.buckets = ((32, 32, 16),)  # (height, width, frames) buckets
+    d.num_workers = 0  # grain worker processes (0 = in-process)
+    d.prefetch = 2
+    d.shuffle_seed = 0
+
+    # --- video VAE (3D causal conv).
+    c.vae = v = ml_collections.ConfigDict()
+    v.spatial_down = 4
+    v.temporal_down = 4
+    v.latent_channels = 8
+    v.channels = 32
+    v.kl_weight = 1e-6
+    v.steps = 1500
+    v.batch_size = 16
+    v.lr = 2e-3
+    v.chunk_frames = 8  # frames per chunk in chunked causal decode
+
+    # --- audio autoencoder (1D conv over log-mel).
+    c.audio_ae = a = ml_collections.ConfigDict()
+    a.latent_channels = 8
+    a.channels = 64
+    a.time_down = 4
+    a.kl_weight = 1e-6
+    a.steps = 800
+    a.batch_size = 16
+    a.lr = 2e-3
+
+    # --- diffusion transformer + text encoder.
+    c.model = m = ml_collections.ConfigDict()
+    m.width = 128
+    m.depth = 4
+    m.heads = 4
+    m.mlp_ratio = 4.0
+    m.patch = (1, 2, 2)  # (t, h, w) in latent units
+    m.audio_patch = 1  # audio latent frames per token
+    m.text_width = 128
+    m.text_depth = 2
+    m.text_heads = 4
+    m.text_attention = "joint"  # "joint" (MMDiT-style) or "cross"
+    m.qk_norm = True
+    m.freeze_text = False
+    m.scan_layers = True
+    m.attention = "auto"  # "auto", "xla", "cudnn", "splash"
+    m.cross_modal = (
+        True  # False: no audio<->video attention (text tokens then attend to text only); ablation
+    )
+    m.rope_time_scale = 25.0  # temporal RoPE units per second (shared by video and audio tokens)
+    m.rope_theta = 10000.0  # RoPE base period
+
+    # --- flow matching.
+    c.diffusion = f = ml_collections.ConfigDict()
+    f.t_mean = 0.0  # logit-normal location
+    f.t_std = 1.0
+    f.shift = 1.0  # timestep shift (>1 spends more steps at high noise)
+    f.caption_dropout = 0.1
+    f.audio_loss_weight = 1.0
+    f.p_clean_audio = 0.1  # audio -> video batches
+    f.p_clean_video = 0.1  # video -> audio batches
+
+    # --- training (transformer stage; the AE stages have their own steps/lr above).
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 3000
+    t.batch_size = 32
+    t.lr = 1e-3
+    t.warmup = 100
+    t.weight_decay = 0.0
+    t.b2 = 0.99
+    t.grad_clip = 1.0
+    t.ema_decay = 0.999
+    t.microbatches = 1
+    t.remat = "none"  # "none", "full", "save_dots", "offload"
+    t.param_dtype = "float32"
+    t.compute_dtype = "float32"  # "bfloat16" on accelerators
+    t.max_nonfinite = 5  # consecutive skipped steps before aborting
+    t.log_every = 50
+    t.ckpt_every = 500
+    t.keep = 3  # last N checkpoints
+    t.keep_every = 0  # and every K steps (0 = off)
+    t.stages = ("vae", "audio_ae", "dit")  # what `vdiff train` runs, in order
+    t.time_budget_s = 0.0  # stop a stage early at this wall time (0 = off)
+
+    # --- sampling and the main job's report.
+    c.sample = s = ml_collections.ConfigDict()
+    s.sampler = "euler"  # "euler" or "heun"
+    s.steps = 25
+    s.cfg = 4.0
+    s.audio_cfg = 2.0
+    s.shift = 1.0
+    s.seed = 0
+    s.num_prompts = 32  # val prompts in the report
+    s.use_ema = True
+
+    # --- mesh: axis sizes (one may be -1 = fill) and logical -> mesh rules.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    c.mesh.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "context": 1})
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("tokens", "context"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("conv_out", "tensor"),
+    )
+    return c

@@ -1,0 +1,1 @@
+"""Everything before the batch: synthetic data, ingest, the grain pipeline, tokenizer, latent cache."""

@@ -1,0 +1,406 @@
+"""``vdiff data ingest``: a folder of videos + captions -> ArrayRecord shards + manifest.
+
+Input layout: videos anywhere under a folder plus a captions file, either jsonl (one
+``{"video": ..., "caption": ...}`` object a line) or csv (columns ``video``, ``caption``).
+Video paths are relative to the captions file's folder. The shapes dataset's layout
+``SRC/{split}/captions.jsonl`` (+ ``meta.jsonl``) is read with ``split=...``.
+
+Every item is read, probed (a full decode, so damage anywhere is caught), optionally
+re-encoded (smaller size, short GOP) and packed as a record. Bad items are skipped, never
+fatal, and each gets a reason in ``manifest.json``. The output order is the input order
+whatever the worker count, so shards are reproducible.
+
+Worker processes are started with ``spawn`` and this module imports neither jax nor grain, so
+workers stay small and never inherit an initialised accelerator runtime.
+"""
+
+import collections
+import concurrent.futures as cf
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_pipelines import records, video_io
+from vdiff.errors import UserError
+
+# Skip reasons, in addition to video_io's (empty_file, not_a_video, truncated,
+# no_video_stream, decode_error).
+MISSING_FILE = "missing_file"
+UNREADABLE = "unreadable"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+EMPTY_CAPTION = "empty_caption"
+BAD_CAPTION_LINE = "bad_caption_line"
+ERROR = "error"  # anything unexpected; the detail holds the exception
+
+MANIFEST = "manifest.json"
+META_FILE = "meta.jsonl"
+
+
+@dataclasses.dataclass
+class Item:
+    """One captions-file entry, before its video is read.
+
+    Attributes:
+        index: Position among the captions file's entries (0-based).
+        line: 1-based line (jsonl) or row (csv) number, for messages.
+        video: The video path as written (undecodable bytes shown escaped).
+        path: Path of the video file (resolved against the captions file's folder).
+        caption: The caption text.
+        meta: JSON text from meta.jsonl, or "".
+        reason: Skip reason found while parsing, or None.
+        detail: Explanation of the skip.
+    """
+
+    index: int
+    line: int
+    video: str
+    path: str = ""
+    caption: str = ""
+    meta: str = ""
+    reason: str | None = None
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What an ingest run wrote (also saved as ``OUT/manifest.json``)."""
+
+    source: str
+    captions: str
+    prefix: str
+    counts: dict[str, int]
+    skip_reasons: dict[str, int]
+    skipped: list[dict[str, Any]]
+    shards: list[dict[str, Any]]
+    records_per_shard: int
+    options: dict[str, Any]
+    version: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path) -> "Manifest":
+        """Reads ``manifest.json`` (a file, or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def shard_paths(self, root) -> list[str]:
+        """Absolute shard paths, given the folder the manifest lives in."""
+        return [str(Path(root) / s["path"]) for s in self.shards]
+
+
+def _printable(text: str) -> str:
+    """Text safe to store as UTF-8 (undecodable bytes kept as \\x escapes)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def find_captions(src, split: str | None = None) -> Path:
+    """Finds the captions file in a source folder.
+
+    Looks for ``SRC/{split}/captions.jsonl`` when ``split`` is given, else
+    ``SRC/captions.jsonl``, else the only ``*.jsonl`` (besides meta.jsonl), else the only ``*.csv``.
+
+    Raises:
+        UserError: If none, or more than one candidate, is found.
+    """
+    src = Path(src)
+    if split is not None:
+        path = src / split / "captions.jsonl"
+        if not path.is_file():
+            raise UserError(f"no {path}; is '{split}' a split of this dataset?")
+        return path
+    if (src / "captions.jsonl").is_file():
+        return src / "captions.jsonl"
+    for pattern in ("*.jsonl", "*.csv"):
+        found = sorted(p for p in src.glob(pattern) if p.name != META_FILE)
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise UserError(f"several captions files in {src} ({names}); pass --captions FILE")
+    raise UserError(
+        f"no captions file in {src}: add captions.jsonl ({{'video':..., 'caption':...}} a line)"
+        " or a csv with columns video, caption, or pass --captions FILE"
+    )
+
+
+def _check_entry(item: Item, video: Any, caption: Any) -> None:
+    """Fills item.video/caption or marks the item bad."""
+    if not isinstance(video, str) or not video:
+        item.reason, item.detail = BAD_CAPTION_LINE, "missing or empty 'video'"
+        return
+    item.video = _printable(video)
+    item.path = video  # raw: undecodable bytes in a file name still reach the file system
+    if not isinstance(caption, str):
+        item.reason, item.detail = BAD_CAPTION_LINE, "missing or non-string 'caption'"
+        return
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable input bytes came through as lone surrogates (surrogateescape).
+        item.reason, item.detail = CAPTION_NOT_UTF8, _printable(caption)[:200]
+        return
+    if not caption.strip():
+        item.reason, item.detail = EMPTY_CAPTION, ""
+        return
+    item.caption = caption
+
+
+def _parse_jsonl(raw: bytes) -> Iterator[Item]:
+    # Decoded line by line: a bad byte sequence costs only its own line.
+    index = 0
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
+        text = line.decode("utf-8", "surrogateescape").strip().lstrip("\ufeff")
+        if not text:
+            continue
+        item = Item(index=index, line=line_no, video="")
+        index += 1
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            item.reason, item.detail = BAD_CAPTION_LINE, f"not JSON: {e}"
+            yield item
+            continue
+        if not isinstance(obj, dict):
+            item.reason, item.detail = BAD_CAPTION_LINE, "not a JSON object"
+        else:
+            _check_entry(item, obj.get("video"), obj.get("caption"))
+        yield item
+
+
+def _parse_csv(raw: bytes) -> Iterator[Item]:
+    text = raw.decode("utf-8-sig", "surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+        raise UserError(
+            f"captions csv needs columns 'video' and 'caption', found {reader.fieldnames}"
+        )
+    for index, row in enumerate(reader):
+        item = Item(index=index, line=reader.line_num, video="")
+        _check_entry(item, row.get("video"), row.get("caption"))
+        yield item
+
+
+def _read_meta(path: Path) -> tuple[dict[str, str], list[str]]:
+    """meta.jsonl -> (by video path, by line order); lines that do not parse give ""."""
+    by_video, by_line = {}, []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            by_line.append("")
+            continue
+        text = json.dumps(obj, ensure_ascii=False)
+        by_line.append(text)
+        if isinstance(obj, dict) and isinstance(obj.get("video"), str):
+            by_video[obj["video"]] = text
+    return by_video, by_line
+
+
+def read_captions(path) -> list[Item]:
+    """Parses a captions file (jsonl or csv) into items, marking bad entries with a reason.
+
+    Video paths are resolved against the captions file's folder. A ``meta.jsonl`` beside it
+    supplies each item's ``meta``: matched on its ``video`` field when meta lines carry one,
+    else by line order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"captions file {path} not found")
+    raw = path.read_bytes()
+    items = list(_parse_csv(raw) if path.suffix.lower() == ".csv" else _parse_jsonl(raw))
+    meta_path = path.parent / META_FILE
+    by_video, by_line = (
+        _read_meta(meta_path) if meta_path.is_file() and path != meta_path else ({}, [])
+    )
+    for item in items:
+        if item.path:
+            item.path = str(path.parent / item.path)
+        if by_video:
+            item.meta = by_video.get(item.video, "")
+        elif item.index < len(by_line):
+            item.meta = by_line[item.index]
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    max_resolution: int | None
+    reencode: bool
+    gop: int
+
+
+def _process(job: tuple[Item, str, _Options]) -> tuple[bytes | None, str, str]:
+    """Worker: one item -> (record bytes or None, skip reason, detail)."""
+    item, key, opts = job
+    try:
+        try:
+            data = Path(item.path).read_bytes()
+        except FileNotFoundError:
+            return None, MISSING_FILE, item.path
+        except OSError as e:
+            return None, UNREADABLE, str(e)
+        info = video_io.probe(data, verify=True)
+        too_big = opts.max_resolution and min(info.height, info.width) > opts.max_resolution
+        if opts.reencode or too_big:
+            data = video_io.transcode(data, max_resolution=opts.max_resolution, gop=opts.gop)
+            info = video_io.probe(data)
+        record = {
+            "key": key,
+            "video": data,
+            "caption": item.caption,
+            "fps": info.fps,
+            "num_frames": info.num_frames,
+            "width": info.width,
+            "height": info.height,
+            "duration": info.duration,
+            "has_audio": info.has_audio,
+            "meta": item.meta,
+        }
+        return records.encode_record(record), "", ""
+    except video_io.BadVideo as e:
+        return None, e.reason, e.detail[:300]
+    except Exception as e:  # one odd file must not stop a long ingest
+        return None, ERROR, f"{type(e).__name__}: {e}"[:300]
+
+
+def _ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
+    """map(fn, jobs) over worker processes, in input order, with a bounded queue."""
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        it = iter(jobs)
+        window = collections.deque(pool.submit(fn, j) for j in itertools.islice(it, 4 * workers))
+        while window:
+            try:
+                result = window.popleft().result()
+            except cf.process.BrokenProcessPool as e:
+                raise RuntimeError(
+                    "an ingest worker process died (a crash inside FFmpeg, or no importable "
+                    "__main__ for spawn); re-run with workers=1 to find the file"
+                ) from e
+            for j in itertools.islice(it, 1):
+                window.append(pool.submit(fn, j))
+            yield result
+
+
+def _unique_keys(items: list[Item]) -> list[str]:
+    """Record keys: the video path, with ``#n`` added to repeats (several captions per video)."""
+    seen: collections.Counter = collections.Counter()
+    keys = []
+    for item in items:
+        n = seen[item.video]
+        seen[item.video] += 1
+        keys.append(item.video if n == 0 else f"{item.video}#{n}")
+    return keys
+
+
+def ingest(
+    src,
+    out,
+    *,
+    captions=None,
+    split: str | None = None,
+    prefix: str | None = None,
+    max_resolution: int | None = None,
+    reencode: bool = False,
+    gop: int = 8,
+    workers: int = 2,
+    records_per_shard: int = 256,
+    overwrite: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """Ingests videos + captions into ArrayRecord shards and writes ``OUT/manifest.json``.
+
+    Args:
+        src: Source folder.
+        out: Output folder (created).
+        captions: Captions file; found in ``src`` if None (see :func:`find_captions`).
+        split: Read ``SRC/{split}/captions.jsonl`` (shapes layout).
+        prefix: Shard name prefix; default ``split`` or ``"clips"``.
+        max_resolution: Re-encode videos whose shorter side is larger than this, down to it.
+        reencode: Re-encode every video (H.264, keyframe every ``gop`` frames).
+        gop: Keyframe interval when re-encoding.
+        workers: Worker processes (<= 1: in this process).
+        records_per_shard: Records per shard.
+        overwrite: Replace existing shards with this prefix in ``out``.
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`Manifest` (also written to ``out/manifest.json``).
+
+    Raises:
+        UserError: If the captions file cannot be found or has the wrong columns.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise UserError(f"ingest source {src} is not a folder")
+    if gop < 1 or records_per_shard < 1:
+        raise UserError(f"gop and records_per_shard must be >= 1, got {gop}, {records_per_shard}")
+    captions_path = Path(captions) if captions is not None else find_captions(src, split)
+    prefix = prefix or split or "clips"
+    items = read_captions(captions_path)
+    keys = _unique_keys(items)
+    opts = _Options(max_resolution=max_resolution, reencode=reencode, gop=gop)
+
+    skipped: list[dict[str, Any]] = []
+    reasons: collections.Counter = collections.Counter()
+
+    def skip(item: Item, reason: str, detail: str) -> None:
+        reasons[reason] += 1
+        entry = {"index": item.index, "line": item.line, "video": item.video}
+        skipped.append(entry | {"reason": reason, "detail": _printable(detail)})
+
+    good = []
+    for item, key in zip(items, keys):
+        if item.reason:
+            skip(item, item.reason, item.detail)
+        else:
+            good.append((item, key, opts))
+
+    bar = tqdm(total=len(items), desc="ingest", unit="clip", disable=not progress)
+    bar.update(len(items) - len(good))
+    with records.ShardWriter(out, prefix, records_per_shard, overwrite=overwrite) as writer:
+        for (item, _, _), (data, reason, detail) in zip(
+            good, _ordered_map(_process, good, workers)
+        ):
+            if data is None:
+                skip(item, reason, detail)
+            else:
+                writer.write(data)
+            bar.update(1)
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+    bar.close()
+    skipped.sort(key=lambda e: e["index"])
+
+    written = sum(writer.shard_sizes)
+    manifest = Manifest(
+        source=_printable(str(src)),
+        captions=_printable(str(captions_path)),
+        prefix=prefix,
+        counts={"total": len(items), "written": written, "skipped": len(skipped)},
+        skip_reasons=dict(sorted(reasons.items())),
+        skipped=skipped,
+        shards=[{"path": p.name, "records": n} for p, n in zip(writer.paths, writer.shard_sizes)],
+        records_per_shard=records_per_shard,
+        options={"max_resolution": max_resolution, "reencode": reencode, "gop": gop},
+    )
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    tmp.replace(out / MANIFEST)  # atomic: a manifest always describes finished shards
+    return manifest

@@ -1,0 +1,309 @@
+"""The grain pipeline: determinism, checkpoint/restore, sharding, bad records, buckets, audio."""
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from _media import make_mp4, tone
+from jax.sharding import PartitionSpec
+
+from data_pipelines import pipeline, records
+from data_pipelines.buckets import bucket_for_step, check_buckets
+from data_pipelines.tokenizer import Tokenizer, train_tokenizer
+from vdiff.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLIPS = 24
+SRC_FRAMES, SRC_FPS = 24, 8.0  # 3 s sources, so a 2 s clip has 9 valid starts
+TONE_AT = 1.5  # seconds; even clips are silent before this, a 1 kHz tone after
+BAD_KEYS = ("bad-mp4", "bad-msgpack")
+
+
+def _frames(r: int) -> np.ndarray:
+    """Clip r: red = 40 + 8 r (which clip), green = 8 k (which frame k)."""
+    f = np.zeros((SRC_FRAMES, 32, 32, 3), np.uint8)
+    f[..., 0] = 40 + 8 * r
+    f[..., 1] = (8 * np.arange(SRC_FRAMES))[:, None, None]
+    f[..., 2] = 128
+    return f
+
+
+def _record_caption(r: int) -> str:
+    return f"clip number {r} in red level {40 + 8 * r}"
+
+
+def _record(r: int) -> dict:
+    audio = None
+    if r % 2 == 0:
+        audio = np.concatenate(
+            [np.zeros(round(TONE_AT * 16000), np.float32), tone(1000, 3 - TONE_AT)]
+        )
+    return {
+        "key": f"clip-{r:02d}",
+        "video": make_mp4(_frames(r), SRC_FPS, audio=audio),
+        "caption": _record_caption(r),
+        "fps": SRC_FPS,
+        "num_frames": SRC_FRAMES,
+        "width": 32,
+        "height": 32,
+        "duration": SRC_FRAMES / SRC_FPS,
+        "has_audio": audio is not None,
+        "meta": "",
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    recs = [_record(r) for r in range(NUM_CLIPS)]
+    with records.ShardWriter(root / "good", "train", records_per_shard=7) as w:
+        for rec in recs:
+            w.write(rec)
+    # The same clips plus a record whose video bytes are garbage and one that is not msgpack.
+    bad_video = dict(recs[0], key=BAD_KEYS[0], video=b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64)
+    with records.ShardWriter(root / "bad", "train", records_per_shard=7) as w:
+        for i, rec in enumerate(recs):
+            w.write(rec)
+            if i == 5:
+                w.write(bad_video)
+            if i == 17:
+                w.write(b"this is not a record")
+    train_tokenizer([r["caption"] for r in recs], root / "tok", vocab_size=300)
+    return root
+
+
+def _config(buckets=((32, 32, 16),)):
+    c = load_config("tiny")
+    c.data.buckets = buckets
+    c.data.caption_len = 16
+    return c
+
+
+def build(root, *, seed=0, batch_size=4, buckets=((32, 32, 16),), split="good", **kw):
+    """Builds a pipeline over the test data (also used by the restore subprocess)."""
+    root = Path(root)
+    kw.setdefault("worker_count", 0)
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    tok = Tokenizer(root / "tok.model")
+    return pipeline.make_pipeline(
+        _config(buckets), root / split, tokenizer=tok, batch_size=batch_size, seed=seed, **kw
+    )
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _check_content(batch, root):
+    """Each example is its key's clip (frames from start_s * fps on) and caption."""
+    tok = Tokenizer(Path(root) / "tok.model")
+    for i, key in enumerate(batch["key"]):
+        r = int(key.split("-")[1])
+        assert batch["index"][i] == r
+        caption = tok.decode(batch["tokens"][i])
+        assert len(caption) > 10 and _record_caption(r).startswith(caption)  # may be truncated
+        pixels = (batch["video"][i] + 1) * 127.5  # back to 0..255
+        assert abs(pixels[..., 0].mean() - (40 + 8 * r)) < 4
+        first = round(float(batch["start_s"][i]) * SRC_FPS)
+        frame_ids = np.round(pixels[..., 1].mean(axis=(1, 2)) / 8)
+        np.testing.assert_array_equal(frame_ids, first + np.arange(len(frame_ids)))
+
+
+def test_batches_have_documented_shapes_and_content(data):
+    with build(data) as it:
+        b = next(it)
+    assert b["video"].shape == (4, 16, 32, 32, 3) and b["video"].dtype == np.float32
+    assert b["video"].min() >= -1 and b["video"].max() <= 1
+    assert b["mel"].shape == (4, 200, 64) and b["mel"].dtype == np.float32
+    assert b["tokens"].shape == (4, 16) and b["tokens"].dtype == np.int32
+    assert b["mask"].dtype == bool and b["mask"][:, 0].all()
+    np.testing.assert_array_equal(b["has_audio"], [int(k[-2:]) % 2 == 0 for k in b["key"]])
+    assert not b["mel"][~b["has_audio"]].any()  # no audio -> zeros
+    _check_content(b, data)
+
+
+def test_same_seed_same_batches_other_seed_differs(data):
+    with build(data, seed=3) as a, build(data, seed=3) as b, build(data, seed=4) as c:
+        xs, ys, zs = _take(a, 3), _take(b, 3), _take(c, 3)
+    for x, y in zip(xs, ys):
+        _assert_same(x, y)
+    keys = lambda bs: [list(x["key"]) for x in bs]  # noqa: E731
+    assert keys(xs) != keys(zs)
+
+
+def test_state_restores_in_a_new_process(data, tmp_path):
+    it = build(data, seed=1)
+    _take(it, 2)
+    state = it.get_state()
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    expected = _take(it, 2)
+    it.close()
+    assert it.stats["batches"] == 4
+    # A fresh interpreter rebuilds the pipeline (with worker processes this time) and resumes.
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        from test_pipeline import build
+        it = build({str(data)!r}, seed=1, worker_count=2)
+        it.set_state(json.loads(open({str(tmp_path / "state.json")!r}).read()))
+        for i in range(2):
+            for k, v in next(it).items():
+                np.save({str(tmp_path)!r} + f"/b{{i}}_{{k}}.npy", v)
+        it.close()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    for i, batch in enumerate(expected):
+        got = {k: np.load(tmp_path / f"b{i}_{k}.npy") for k in batch}
+        _assert_same(batch, got)
+
+
+def test_restore_rejects_state_of_another_pipeline(data):
+    with build(data, seed=1) as a, build(data, seed=2) as b:
+        next(a)
+        with pytest.raises(ValueError, match="seed"):
+            b.set_state(a.get_state())
+
+
+def test_two_processes_split_each_epoch_disjointly(data):
+    per_epoch = NUM_CLIPS // 2 // 4  # batches per process per epoch
+    streams = []
+    for p in range(2):
+        with build(data, process_index=p, process_count=2, num_epochs=2) as it:
+            batches = list(it)
+        assert len(batches) == 2 * per_epoch  # finite epochs end, every host equally
+        streams.append([list(b["key"]) for b in batches])
+    everything = sorted(_record_keys())
+    for epoch in range(2):
+        part = [
+            list(itertools.chain(*s[epoch * per_epoch : (epoch + 1) * per_epoch])) for s in streams
+        ]
+        assert not set(part[0]) & set(part[1])
+        assert sorted(part[0] + part[1]) == everything
+    assert streams[0][:per_epoch] != streams[0][per_epoch:]  # reshuffled per epoch
+
+
+def _record_keys():
+    return [f"clip-{r:02d}" for r in range(NUM_CLIPS)]
+
+
+def test_bad_records_are_skipped_and_counted(data):
+    with build(data, split="bad", batch_size=2, num_epochs=1) as it:
+        batches = list(it)
+        stats = it.stats
+    assert len(batches) == (NUM_CLIPS + 2) // 2  # every batch full: bad ones were refilled
+    keys = [k for b in batches for k in b["key"]]
+    assert set(keys) == set(_record_keys())
+    assert stats["skipped"] >= 2  # both bad records met (a refill may meet one again)
+    # The count survives a checkpoint.
+    with build(data, split="bad", batch_size=2, num_epochs=1) as again:
+        again.set_state(it.get_state())
+        assert again.stats["skipped"] == stats["skipped"]
+
+
+def test_buckets_agree_across_processes_and_workers(data):
+    buckets = ((32, 32, 16), (16, 24, 8))
+    steps = 6
+    runs = {}
+    for name, p, workers in (("p0", 0, 0), ("p1", 1, 0), ("p1_workers", 1, 2)):
+        with build(
+            data, buckets=buckets, process_index=p, process_count=2, worker_count=workers
+        ) as it:
+            runs[name] = _take(it, steps)
+    expect = [bucket_for_step(buckets, 0, s) for s in range(steps)]
+    assert len(set(expect)) == 2  # the test covers both buckets
+    for name, batches in runs.items():
+        for step, b in enumerate(batches):
+            h, w, t = expect[step]
+            assert b["video"].shape == (4, t, h, w, 3), (name, step)
+            assert b["mel"].shape == (4, t * 100 // 8, 64), (name, step)
+            _check_content(b, data)
+    for a, b in zip(runs["p1"], runs["p1_workers"]):  # worker processes change nothing
+        _assert_same(a, b)
+    assert not set(runs["p0"][0]["key"]) & set(runs["p1"][0]["key"])
+
+
+def test_audio_window_matches_video_window(data):
+    with build(data, batch_size=8, seed=5) as it:
+        batches = _take(it, 3)
+    checked = set()
+    for b in batches:
+        for i in np.flatnonzero(b["has_audio"]):
+            start = float(b["start_s"][i])
+            energy = b["mel"][i].max(axis=1)  # the tone fills one band
+            onset = round((TONE_AT - start) * 100)  # mel frame where the tone begins
+            quiet, loud = energy[: onset - 5].mean(), energy[onset + 5 :].mean()
+            assert loud > quiet + 3, (start, quiet, loud)
+            # The jump happens within +-2 mel frames (20 ms) of the expected frame.
+            mid = (quiet + loud) / 2
+            assert abs(int(np.argmax(energy > mid)) - onset) <= 2, (
+                start,
+                energy[onset - 8 : onset + 8],
+            )
+            checked.add(start)
+    assert len(checked) >= 3  # several different windows were sampled
+
+
+def test_decode_all_matches_pipeline_decode(data):
+    c = _config()
+    tok = Tokenizer(data / "tok.model")
+    out = pipeline.decode_all(data / "bad", c, tok, progress=False)
+    assert out["video"].shape == (NUM_CLIPS, 16, 32, 32, 3)
+    assert sorted(out["key"]) == _record_keys()  # the two bad records left out
+    assert not out["start_s"].any()
+    one = pipeline.decode_example(
+        records.decode_record(records.RecordSource(data / "good", "train").raw[3]),
+        height=32, width=32, frames=16, **pipeline._settings(c, tok),
+    )  # fmt: skip
+    i = list(out["key"]).index("clip-03")
+    for k, v in one.items():
+        np.testing.assert_array_equal(out[k][i], v, err_msg=k)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])
+def test_to_global_shards_the_batch(devices, mesh_shape):
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp"))
+    rng = np.random.default_rng(0)
+    batch = {
+        "video": rng.normal(size=(16, 4, 8, 8, 3)).astype(np.float32),
+        "tokens": rng.integers(0, 100, (16, 6)).astype(np.int32),
+        "key": np.array([f"k{i}" for i in range(16)]),
+    }
+    out = pipeline.to_global(batch, mesh)
+    assert set(out) == {"video", "tokens"}
+    for k, arr in out.items():
+        assert arr.shape == batch[k].shape  # one process: global = local
+        assert arr.sharding.spec == PartitionSpec(("data", "fsdp"), *[None] * (arr.ndim - 1))
+        assert {s.data.shape[0] for s in arr.addressable_shards} == {2}  # 16 rows / 8 devices
+        np.testing.assert_array_equal(np.asarray(arr), batch[k])
+
+
+def test_bad_config_and_missing_data_raise_clear_errors(data, tmp_path):
+    with pytest.raises(ValueError, match=r"\(32, 32, 0\)"):
+        check_buckets(((32, 32, 16), (32, 32, 0)))
+    with pytest.raises(FileNotFoundError, match="no ArrayRecord shards"):
+        pipeline.open_split(tmp_path)
+    # Two shard sets in one folder: pick one with folder/prefix.
+    with records.ShardWriter(tmp_path, "val") as w:
+        w.write(_record(0))
+    with records.ShardWriter(tmp_path, "train") as w:
+        w.write(_record(1))
+        w.write(_record(2))
+    with pytest.raises(ValueError, match="several shard sets"):
+        pipeline.open_split(tmp_path)
+    assert len(pipeline.open_split(tmp_path / "train")) == 2
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        build(data, batch_size=NUM_CLIPS + 1)

@@ -1,0 +1,225 @@
+"""Video VAE: shapes, causality, chunked decoding, latent stats, losses and metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs.base import get_base_config
+from vdiff.models import losses
+from vdiff.models.video_vae import (
+    VideoVAE,
+    compute_latent_stats,
+    decoded_frames,
+    denormalize,
+    latent_frames,
+    normalize,
+)
+
+
+def _randomize(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Gives every zero-initialised parameter random values.
+
+    Residual branches start at zero (each block is the identity), which would make
+    the causality and chunking tests pass trivially; random values make every
+    temporal conv actually mix frames.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [
+        jnp.where(jnp.all(p == 0), 0.2 * jax.random.normal(k, p.shape), p)
+        for p, k in zip(leaves, keys)
+    ]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+
+
+def _vae(spatial_down=4, temporal_down=4, seed=0, **kw):
+    model = VideoVAE(
+        spatial_down=spatial_down,
+        temporal_down=temporal_down,
+        latent_channels=4,
+        channels=8,
+        rngs=nnx.Rngs(seed),
+        **kw,
+    )
+    return _randomize(model, seed)
+
+
+def _video(shape, seed=0):
+    return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return _vae()
+
+
+@pytest.mark.parametrize("spatial_down", [4, 8])
+@pytest.mark.parametrize("thw", [(1, 32, 32), (5, 32, 48), (16, 64, 32), (9, 16, 16)])
+def test_shapes_follow_compression(spatial_down, thw):
+    t, h, w = thw
+    model = _vae(spatial_down=spatial_down)
+    x = _video((2, t, h, w, 3))
+    mean, logvar = model.encode(x)
+    tl = 1 + -(-(t - 1) // 4)
+    assert mean.shape == (2, tl, h // spatial_down, w // spatial_down, 4)
+    assert logvar.shape == mean.shape
+    assert model.latent_shape(t, h, w) == mean.shape[1:]
+    full = model.decode(mean)
+    assert full.shape == (2, decoded_frames(tl, 4), h, w, 3)
+    assert model.decode(mean, num_frames=t).shape == x.shape
+
+
+def test_temporal_down_one_is_per_frame():
+    model = _vae(temporal_down=1)
+    x = _video((1, 6, 16, 16, 3))
+    mean, _ = model.encode(x)
+    assert mean.shape == (1, 6, 4, 4, 4)
+    assert model.decode(mean).shape == x.shape
+
+
+def test_latent_frames_formula():
+    assert [latent_frames(t, 4) for t in (1, 2, 5, 6, 16, 17)] == [1, 2, 2, 3, 5, 5]
+    assert [decoded_frames(n, 4) for n in (1, 2, 5)] == [1, 5, 17]
+    assert latent_frames(7, 1) == 7
+    with pytest.raises(ValueError, match="at least 1 frame"):
+        latent_frames(0, 4)
+
+
+def test_image_round_trip_and_first_frame_causality(vae):
+    x = _video((2, 9, 32, 32, 3), seed=1)
+    image = x[:, :1]
+    mean_img, logvar_img = vae.encode(image)
+    assert mean_img.shape[1] == 1
+    assert vae.decode(mean_img).shape == image.shape
+    mean_vid, logvar_vid = vae.encode(x)
+    np.testing.assert_allclose(mean_img[:, 0], mean_vid[:, 0], atol=1e-5)
+    np.testing.assert_allclose(logvar_img[:, 0], logvar_vid[:, 0], atol=1e-5)
+
+
+def test_encoder_is_causal(vae):
+    x = _video((1, 13, 16, 16, 3), seed=2)
+    t = 6  # latent frame j covers input frames up to j*4, so latents 0 and 1 must not move
+    y = x.at[:, t].set(-x[:, t])
+    mx, _ = vae.encode(x)
+    my, _ = vae.encode(y)
+    np.testing.assert_allclose(mx[:, :2], my[:, :2], atol=1e-5)
+    assert float(jnp.max(jnp.abs(mx[:, 2:] - my[:, 2:]))) > 1e-3
+
+
+def test_decoder_is_causal(vae):
+    z = _video((1, 4, 4, 4, 4), seed=3)
+    j = 2  # latent frame 2 decodes to frames 5..8; frames 0..4 must not move
+    out = vae.decode(z)
+    out2 = vae.decode(z.at[:, j].add(1.0))
+    first = decoded_frames(j, 4)
+    np.testing.assert_allclose(out[:, :first], out2[:, :first], atol=1e-5)
+    assert float(jnp.max(jnp.abs(out[:, first:] - out2[:, first:]))) > 1e-3
+
+
+def test_per_frame_model_is_frame_causal():
+    model = _vae(temporal_down=1, seed=4)
+    x = _video((1, 6, 16, 16, 3), seed=4)
+    for t in (1, 3, 5):
+        y = x.at[:, t].add(0.5)
+        a = model.decode(model.encode(x)[0])
+        b = model.decode(model.encode(y)[0])
+        np.testing.assert_allclose(a[:, :t], b[:, :t], atol=1e-5)
+        assert float(jnp.max(jnp.abs(a[:, t] - b[:, t]))) > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_decode_matches_full(vae, chunk):
+    z = _video((2, 5, 8, 8, 4), seed=5)
+    full = vae.decode(z, num_frames=16)
+    chunked = vae.decode_chunked(z, chunk, num_frames=16)
+    assert chunked.shape == full.shape == (2, 16, 32, 32, 3)
+    np.testing.assert_allclose(chunked, full, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_encode_matches_full(vae, chunk):
+    x = _video((1, 14, 16, 16, 3), seed=6)
+    mean, logvar = vae.encode(x)
+    mean_c, logvar_c = vae.encode_chunked(x, chunk)
+    np.testing.assert_allclose(mean_c, mean, atol=1e-4)
+    np.testing.assert_allclose(logvar_c, logvar, atol=1e-4)
+
+
+def test_latent_stats_normalize_round_trip():
+    means = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 8, 8, 6))
+    stats = compute_latent_stats(means)
+    assert stats["shift"].shape == stats["scale"].shape == (6,)
+    z = normalize(means, stats)
+    flat = z.reshape(-1, 6)
+    np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0), 1.0, atol=1e-3)
+    np.testing.assert_allclose(denormalize(z, stats), means, atol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors(vae):
+    with pytest.raises(ValueError, match="not divisible by spatial_down"):
+        vae.encode(jnp.zeros((1, 5, 30, 32, 3)))
+    with pytest.raises(ValueError, match=r"\(B, T, H, W, 3\)"):
+        vae.encode(jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="num_frames"):
+        vae.decode(jnp.zeros((1, 2, 8, 8, 4)), num_frames=6)
+    with pytest.raises(ValueError, match="power of two"):
+        VideoVAE(spatial_down=6, rngs=nnx.Rngs(0))
+
+
+def test_from_config_and_logical_axes():
+    cfg = get_base_config().vae
+    model = VideoVAE.from_config(cfg, nnx.Rngs(0))
+    assert model.latent_shape(16, 32, 32) == (5, 8, 8, cfg.latent_channels)
+    params = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(params):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.get_value().ndim, path
+        assert names[-1] == "conv_out", path
+
+
+def test_vae_loss_trains_on_a_fixed_batch():
+    model = VideoVAE(
+        spatial_down=4, temporal_down=4, latent_channels=4, channels=8, rngs=nnx.Rngs(0)
+    )
+    x = _video((2, 5, 16, 16, 3), seed=7)
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, rng):
+        (_, metrics), grads = nnx.value_and_grad(losses.vae_loss, has_aux=True)(model, x, rng, 1e-6)
+        opt.update(model, grads)
+        return metrics
+
+    first = step(model, opt, jax.random.key(0))
+    assert set(first) >= {"loss", "recon", "kl", "psnr"}
+    for i in range(1, 30):
+        last = step(model, opt, jax.random.key(i))
+    assert float(last["loss"]) < 0.7 * float(first["loss"])
+    assert float(last["psnr"]) > float(first["psnr"]) + 1.0
+
+
+def test_psnr_and_ssim():
+    x = _video((2, 3, 32, 32, 3), seed=8)
+    assert float(losses.psnr(x, x)) == np.inf
+    np.testing.assert_allclose(float(losses.ssim(x, x)), 1.0, atol=1e-5)
+    noise = jax.random.normal(jax.random.key(9), x.shape)
+    scores = [
+        (float(losses.psnr(x + s * noise, x)), float(losses.ssim(x + s * noise, x)))
+        for s in (0.02, 0.1, 0.4)
+    ]
+    psnrs, ssims = zip(*scores)
+    assert psnrs[0] > psnrs[1] > psnrs[2]
+    assert 1.0 > ssims[0] > ssims[1] > ssims[2]
+    # PSNR of a known error: a constant offset of 0.2 in [-1, 1] is 0.1 in [0, 1] -> 20 dB.
+    np.testing.assert_allclose(float(losses.psnr(x + 0.2, x)), 20.0, atol=1e-3)
+
+
+def test_kl_divergence_zero_for_standard_normal():
+    mean = jnp.zeros((2, 3, 4))
+    np.testing.assert_allclose(losses.kl_divergence(mean, jnp.zeros_like(mean)), 0.0, atol=1e-7)
+    assert float(losses.kl_divergence(mean + 1.0, jnp.zeros_like(mean))[0]) == pytest.approx(6.0)

@@ -1,0 +1,195 @@
+"""Loading, overriding and validating ml_collections configs.
+
+A config file is a Python file with ``get_config(arg=None)`` returning a
+``ConfigDict`` (big_vision style). ``--config path.py:arg`` passes ``arg``. Every
+config starts from :func:`configs.base.get_base_config`, so the set of keys is fixed:
+an override that names an unknown key is rejected with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vdiff.errors import UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_config_path(spec: str) -> tuple[Path, str | None]:
+    """``configs/tiny.py:arg``, ``tiny`` or ``tiny:arg`` -> (path, arg)."""
+    name, _, arg = spec.partition(":")
+    path = Path(name)
+    if not path.suffix:
+        path = REPO_CONFIGS / f"{name}.py"
+    if not path.exists():
+        known = sorted(p.stem for p in REPO_CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+        raise UserError(
+            f"config file '{name}' not found; pass a path to a .py file or one of: {', '.join(known)}"
+        )
+    return path, (arg or None)
+
+
+def load_config(
+    spec: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ml_collections.ConfigDict:
+    """Loads a config file, applies ``a.b=value`` overrides, and checks the result."""
+    path, arg = resolve_config_path(spec or DEFAULT_CONFIG)
+    # Config files import `configs.base`; make the folder above configs/ importable.
+    root = str(path.resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"vdiff_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(
+            f"config file {path} has no get_config(arg) function; add one returning a ConfigDict"
+        )
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    check_static(config)
+    return config
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses ``text`` to the type of the current value, naming the key on failure."""
+    kind = type(current)
+    try:
+        if isinstance(current, bool):
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, int):
+            value = ast.literal_eval(text)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(text)
+            return value
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text)
+            if isinstance(value, (int, float, str)):
+                value = (value,)
+            return kind(value)
+        if current is None:
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+    except (ValueError, SyntaxError):
+        pass
+    raise UserError(
+        f"--config.{key}={text}: expected a value of type {kind.__name__} "
+        f"(current value {current!r}); pass e.g. --config.{key}={current!r}"
+    )
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Applies one ``a.b.c=value`` override, rejecting unknown keys and wrong types."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise UserError(f"override '{item}' has no '='; write it as --config.{key}=VALUE")
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = _all_keys(config)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = (
+                f"did you mean --config.{close[0]}?"
+                if close
+                else "see the config file for valid keys"
+            )
+            raise UserError(f"unknown config key '{key}'; {hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    leaf = parts[-1]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UserError(
+            f"'{key}' is a group of settings, not a value; override one of its keys, e.g. --config.{key}.<name>=VALUE"
+        )
+    node[leaf] = _parse_value(key, text, current)
+
+
+def check_static(config: ml_collections.ConfigDict) -> None:
+    """Checks that need no devices: mesh axis names and at most one -1."""
+    mesh = config.mesh
+    for axis in mesh.shape:
+        if axis not in MESH_AXES:
+            close = difflib.get_close_matches(axis, MESH_AXES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"use {MESH_AXES}"
+            raise UserError(f"mesh.shape has unknown axis '{axis}'; {hint}")
+    fills = [a for a, s in mesh.shape.items() if s == -1]
+    if len(fills) > 1:
+        raise UserError(
+            f"mesh.shape: only one axis may be -1 (fill), got {fills}; give the others sizes"
+        )
+    for a, s in mesh.shape.items():
+        if s != -1 and s < 1:
+            raise UserError(f"mesh.shape.{a}={s}: sizes must be >= 1 or -1 (fill)")
+
+
+def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with -1 filled; fails naming the sizes and the device count."""
+    shape = {a: int(config.mesh.shape.get(a, 1)) for a in MESH_AXES}
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    fill = [a for a, s in shape.items() if s == -1]
+    sizes = ", ".join(f"{a}={s}" for a, s in shape.items())
+    if fill:
+        if num_devices % fixed:
+            raise UserError(
+                f"mesh ({sizes}) does not fit {num_devices} devices: the fixed axes multiply to "
+                f"{fixed}, which does not divide {num_devices}; change --config.mesh.shape"
+            )
+        shape[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise UserError(
+            f"mesh ({sizes}) multiplies to {fixed} but there are {num_devices} devices; "
+            f"make the sizes multiply to {num_devices} or set one axis to -1"
+        )
+    return shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Device-dependent checks; returns the resolved mesh shape."""
+    check_static(config)
+    shape = resolve_mesh_shape(config, num_devices)
+    shards = math.prod(shape[a] for a in BATCH_AXES)
+    for key in ("train.batch_size", "vae.batch_size", "audio_ae.batch_size"):
+        group, name = key.split(".")
+        if group in config and name in config[group]:
+            bs = config[group][name]
+            if bs % shards:
+                raise UserError(
+                    f"{key}={bs} is not divisible by the batch-sharding axes "
+                    f"(data x fsdp = {shards}); use a multiple of {shards}"
+                )
+    return shape

@@ -1,0 +1,208 @@
+"""The main job's report: sample clips for val prompts, oracle scores, controls, HTML.
+
+``WORKDIR/report/metrics.json`` holds flat keys:
+- ``ae.*``: autoencoder reconstruction on held-out clips (video PSNR/SSIM, audio sync F1).
+- ``oracle.*``: generated clips for val prompts at the configured guidance;
+  ``oracle.heldout.*`` for held-out colour x shape pairs; ``oracle.cfg1.*`` with guidance off.
+- ``control.gt.*``: the oracle on ground-truth val clips (must be ~1);
+  ``control.shuffled.*``: ground-truth clips scored against shuffled captions/audio (chance).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vdiff.eval.oracle import score_clips
+from vdiff.eval.sync import sync_scores_many
+from vdiff.models.losses import psnr, ssim
+from vdiff.sampling import Generator, write_clip
+
+log = logging.getLogger(__name__)
+ATTRS = ("colour_acc", "shape_acc", "direction_acc", "background_acc")
+
+
+def _prefixed(prefix: str, scores: dict) -> dict:
+    return {
+        f"{prefix}.{k}": float(v) for k, v in scores.items() if k in ATTRS or k.startswith("sync")
+    }
+
+
+def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
+    s = sync_scores_many([(v, fps, a, sr) for v, a in zip(videos, audios)])
+    return {
+        f"{prefix}.sync_{k}": float(s[k])
+        for k in ("precision", "recall", "f1", "offset_ms", "binding_acc")
+    }
+
+
+def autoencoder_metrics(config, data, ae: dict) -> dict:
+    """Held-out reconstruction quality of the video VAE and the audio AE."""
+    out = {}
+    split = data.split("val")
+    fps, sr = config.data.fps, config.data.sample_rate
+    if "vae" in ae:
+        vae = ae["vae"][0].model(ae["vae"][1])
+
+        @nnx.jit
+        def recon(m, x):
+            x = x.astype(jnp.float32) / 127.5 - 1.0
+            mean, _ = m.encode(x)
+            y = m.decode(mean, num_frames=x.shape[1])
+            return psnr(y, x), ssim(y, x)
+
+        ps, ss = [], []
+        for i in range(0, len(split), 16):
+            p, s = recon(vae, jnp.asarray(split.video[i : i + 16]))
+            ps.append(float(p) * len(split.video[i : i + 16]))
+            ss.append(float(s) * len(split.video[i : i + 16]))
+        out["ae.video_psnr"] = sum(ps) / len(split)
+        out["ae.video_ssim"] = sum(ss) / len(split)
+    if "audio_ae" in ae and split.has_audio.any():
+        from data_pipelines.audio import mel_to_wave
+
+        model = ae["audio_ae"][0].model(ae["audio_ae"][1])
+
+        @nnx.jit
+        def recon_mel(m, x):
+            return m.decode(m.encode(x)[0])
+
+        mel = np.concatenate(
+            [
+                np.asarray(recon_mel(model, jnp.asarray(split.mel_norm[i : i + 16])))
+                for i in range(0, len(split), 16)
+            ]
+        )
+        mel = mel * data.mel_stats["std"] + data.mel_stats["mean"]
+        waves = [mel_to_wave(m, sample_rate=sr, hop=config.data.hop) for m in mel]
+        out.update(_sync("ae.audio", split.video, waves, fps, sr))
+        out["ae.audio_sync_f1"] = out.pop("ae.audio.sync_f1")
+        gt_waves = [mel_to_wave(m, sample_rate=sr, hop=config.data.hop) for m in split.mel]
+        out["control.gt_mel_griffinlim.sync_f1"] = _sync("x", split.video, gt_waves, fps, sr)[
+            "x.sync_f1"
+        ]
+    return out
+
+
+def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
+    """Generates the report's clips and metrics; returns the metrics dict."""
+    t0 = time.time()
+    report = Path(workdir) / "report"
+    clips_dir = report / "clips"
+    metrics: dict = {}
+    metrics.update(autoencoder_metrics(config, data, ae))
+    gen = Generator.from_stages(config, data, ae, use_ema=config.sample.use_ema)
+    fps, sr = config.data.fps, config.data.sample_rate
+    n = config.sample.num_prompts
+    rng = np.random.default_rng(config.seed)
+    rows = []
+
+    def run(split_name: str, prefix: str, cfg: float, save: bool):
+        if split_name not in data.parts:
+            return
+        split = data.split(split_name)
+        k = min(n, len(split))
+        prompts = split.captions[:k]
+        t = time.time()
+        out = gen.generate(prompts, cfg=cfg, seed=config.sample.seed)
+        metrics[f"{prefix}.seconds_per_clip"] = (time.time() - t) / k
+        metrics.update(_prefixed(prefix, score_clips(list(zip(out["video"], prompts)))))
+        if "audio" in out:
+            metrics.update(_sync(prefix, out["video"], out["audio"], fps, sr))
+        if save and jax.process_index() == 0:
+            for i in range(min(k, 16)):
+                files = write_clip(
+                    clips_dir / f"{prefix}_{i:03d}",
+                    out["video"][i],
+                    fps,
+                    out["audio"][i] if "audio" in out else None,
+                    sr,
+                )
+                single = score_clips([(out["video"][i], prompts[i])])
+                rows.append(
+                    {
+                        "group": prefix,
+                        "prompt": prompts[i],
+                        "mp4": files["mp4"].name,
+                        "png": files["png"].name,
+                        **{a: single[a] for a in ATTRS},
+                    }
+                )
+
+    cfg = config.sample.cfg
+    run("val", "oracle", cfg, save=True)
+    run("val_heldout", "oracle.heldout", cfg, save=True)
+    run("val", "oracle.cfg1", 1.0, save=False)
+
+    # Controls on ground truth: the oracle itself, then shuffled captions / audio.
+    split = data.split("val")
+    k = min(n, len(split))
+    gt_videos = split.video[:k]
+    metrics.update(_prefixed("control.gt", score_clips(list(zip(gt_videos, split.captions[:k])))))
+    perm = rng.permutation(k)
+    metrics.update(
+        _prefixed(
+            "control.shuffled", score_clips(list(zip(gt_videos, [split.captions[i] for i in perm])))
+        )
+    )
+    if split.has_audio.any():
+        waves = _gt_waves(data, "val", k)
+        metrics.update(_sync("control.gt", gt_videos, waves, fps, sr))
+        metrics.update(
+            _sync(
+                "control.shuffled", gt_videos, [waves[i] for i in np.roll(np.arange(k), 1)], fps, sr
+            )
+        )
+    metrics["report.seconds"] = time.time() - t0
+    if jax.process_index() == 0:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        _write_html(report, metrics, rows)
+    log.info("report: %s", json.dumps({k: round(v, 3) for k, v in metrics.items()}, sort_keys=True))
+    return metrics
+
+
+def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
+    """Ground-truth audio of the first k clips, decoded from their records."""
+    from data_pipelines.pipeline import open_split
+    from data_pipelines.records import decode_record
+    from data_pipelines.video_io import decode_audio
+
+    src = open_split(data.root / "records" / split_name)
+    split = data.split(split_name)
+    keys = {decode_record(src[i])["key"]: i for i in range(len(src))}
+    waves = []
+    for key in split.keys[:k]:
+        rec = decode_record(src[keys[key]])
+        waves.append(decode_audio(rec["video"], 0.0, rec["num_frames"] / rec["fps"], 16000))
+    return waves
+
+
+def _write_html(report: Path, metrics: dict, rows: list[dict]) -> None:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    groups = sorted({k.rsplit(".", 1)[0] for k in metrics})
+    table = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in sorted(metrics.items())
+    )
+    cards = "".join(
+        f"""<figure><video src="clips/{r["mp4"]}" controls loop muted autoplay width="192"></video>
+<img src="clips/{r["png"]}" width="384"><figcaption><b>{html.escape(r["group"])}</b>: {html.escape(r["prompt"])}<br>
+colour {r["colour_acc"]:.2f} shape {r["shape_acc"]:.2f} direction {r["direction_acc"]:.2f} bg {r["background_acc"]:.2f}</figcaption></figure>"""
+        for r in rows
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vdiff report</title>
+<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:8px;vertical-align:top;width:400px}}
+video{{image-rendering:pixelated}} img{{image-rendering:pixelated;display:block}} td{{padding:2px 8px}}</style></head>
+<body><h1>vdiff report</h1><p>Groups: {html.escape(", ".join(groups))}</p>
+<h2>Metrics</h2><table>{table}</table><h2>Samples</h2>{cards}</body></html>"""
+    (report / "index.html").write_text(page)

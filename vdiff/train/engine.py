@@ -1,0 +1,281 @@
+"""The training engine shared by every stage (video VAE, audio AE, transformer).
+
+A stage supplies a model constructor and a loss ``loss_fn(model, batch, rng) ->
+(loss, metrics)``; the engine owns everything else: the optimiser, the train state
+(params, optimiser state, EMA, step, RNG, non-finite counters) born sharded from
+``jax.eval_shape`` under ``jax.jit``, and one jitted step with in/out shardings,
+donated state, gradient accumulation, mixed precision and a non-finite guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vdiff.parallel import sharding as shd
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_nonfinite`` consecutive steps with non-finite loss or grads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    warmup: int = 100
+    steps: int = 1000
+    b1: float = 0.9
+    b2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def schedule(self) -> optax.Schedule:
+        warmup = max(1, min(self.warmup, self.steps - 1))
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.lr, warmup, max(self.steps, warmup + 1), end_value=self.lr * 0.1
+        )
+
+    def make(self) -> optax.GradientTransformation:
+        parts = []
+        if self.grad_clip > 0:
+            parts.append(optax.clip_by_global_norm(self.grad_clip))
+        parts.append(
+            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        )
+        return optax.chain(*parts)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+    """(B, ...) -> (n, B/n, ...), interleaved so every microbatch spans every batch shard."""
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {n} microbatches")
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+class Engine:
+    """Sharded init and the jitted train step for one model/loss pair.
+
+    Args:
+      make_model: ``rngs -> nnx.Module``; parameters carry logical axis names.
+      loss_fn: ``(model, batch, rng) -> (scalar loss, dict of scalar metrics)``.
+      mesh: the device mesh; ``rules``: logical -> mesh axis rules from the config.
+      optim: optimiser settings. ``ema_decay``: 0 disables the EMA copy's update.
+      microbatches: gradient accumulation steps per update.
+      compute_dtype: dtype params are cast to inside the step (params stay fp32).
+      max_nonfinite: consecutive skipped steps before :class:`NonFiniteError`.
+    """
+
+    def __init__(
+        self,
+        make_model: Callable[[nnx.Rngs], nnx.Module],
+        loss_fn: LossFn,
+        mesh: Mesh,
+        rules,
+        optim: OptimConfig,
+        *,
+        ema_decay: float = 0.0,
+        microbatches: int = 1,
+        compute_dtype: str = "float32",
+        max_nonfinite: int = 5,
+        batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    ):
+        self.make_model = make_model
+        self.loss_fn = loss_fn
+        self.mesh = mesh
+        self.rules = tuple(tuple(r) for r in rules)
+        self.optim = optim
+        self.tx = optim.make()
+        self.ema_decay = float(ema_decay)
+        self.microbatches = int(microbatches)
+        self.compute_dtype = DTYPES[compute_dtype]
+        self.max_nonfinite = int(max_nonfinite)
+        self.batch_axes = batch_axes
+        # Abstract model outside the mesh context: the parameters' sharding metadata holds
+        # logical names, which only the rules below turn into mesh axes.
+        with shd.axis_rules(self.rules):
+            abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+            self.graphdef, abs_params, self._rest = nnx.split(abstract, nnx.Param, ...)
+            self.param_shardings = shd.state_shardings(abs_params, mesh, self.rules)
+            self.abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
+            self.state_shardings = self._shardings_for(self.abstract_state)
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self._steps: dict[Any, Callable] = {}
+        self._pending = None
+
+    # ----------------------------------------------------------------- state
+    def _context(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(shd.axis_rules(self.rules))
+        return stack
+
+    def _init_fn(self, key):
+        model = self.make_model(nnx.Rngs(key))
+        _, params, _ = nnx.split(model, nnx.Param, ...)
+        return {
+            "params": params,
+            "opt": self.tx.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(key, 1),
+            "nonfinite_run": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
+
+    def _shardings_for(self, abstract_state):
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        opt = optax.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract_state["opt"],
+            self.param_shardings,
+            transform_non_params=lambda _: rep,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        return {
+            "params": self.param_shardings,
+            "opt": opt,
+            "ema": self.param_shardings,
+            "step": rep,
+            "rng": rep,
+            "nonfinite_run": rep,
+            "skipped": rep,
+        }
+
+    def init(self, seed: int) -> dict:
+        """Creates the train state, each array born with its target sharding."""
+        with self._context():
+            return self._init(jax.random.PRNGKey(seed))
+
+    def model(self, state: dict, *, ema: bool = False) -> nnx.Module:
+        """The nnx model holding ``state``'s (EMA) parameters, for sampling and eval."""
+        return nnx.merge(self.graphdef, state["ema" if ema else "params"], self._rest)
+
+    # ------------------------------------------------------------------ step
+    def _step_fn(self, state: dict, batch: dict):
+        rng, step_rng = jax.random.split(state["rng"])
+        params = state["params"]
+
+        def loss_of(p, mb, key):
+            model = nnx.merge(self.graphdef, _cast(p, self.compute_dtype), self._rest)
+            loss, metrics = self.loss_fn(model, mb, key)
+            return loss.astype(jnp.float32), metrics
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if self.microbatches == 1:
+            (loss, metrics), grads = grad_fn(params, batch, step_rng)
+        else:
+            n = self.microbatches
+            mbs = _microbatches(batch, n)
+            keys = jax.random.split(step_rng, n)
+
+            def body(acc, xs):
+                mb, key = xs
+                (l_i, m_i), g_i = grad_fn(params, mb, key)
+                return jax.tree.map(jnp.add, acc, (l_i, m_i, g_i)), None
+
+            zero_mb = jax.tree.map(lambda x: x[0], mbs)
+            shapes = jax.eval_shape(grad_fn, params, zero_mb, keys[0])
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1])
+            )
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, keys))
+            loss, metrics, grads = jax.tree.map(lambda x: x / n, (loss, metrics, grads))
+
+        grads = _cast(grads, jnp.float32)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        updates, new_opt = self.tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_params = keep(new_params, params)
+        d = self.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_params)
+        new_state = {
+            "params": new_params,
+            "opt": keep(new_opt, state["opt"]),
+            "ema": keep(ema, state["ema"]),
+            "step": state["step"] + 1,
+            "rng": rng,
+            "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = dict(metrics)
+        metrics.update(
+            loss=loss,
+            grad_norm=optax.tree.norm(grads),
+            lr=self.optim.schedule()(state["step"]),
+            finite=finite.astype(jnp.float32),
+            nonfinite_run=new_state["nonfinite_run"],
+            skipped=new_state["skipped"],
+        )
+        return new_state, metrics
+
+    def _compiled_step(self, batch: dict):
+        key = jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+        if key not in self._steps:
+            batch_sh = jax.tree.map(
+                lambda x: NamedSharding(
+                    self.mesh, PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
+                ),
+                batch,
+            )
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            self._steps[key] = jax.jit(
+                self._step_fn,
+                in_shardings=(self.state_shardings, batch_sh),
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(0,),
+            )
+        return self._steps[key]
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One update. Raises NonFiniteError after max_nonfinite skipped steps in a row.
+
+        The check reads the previous step's counter, so it never blocks the step in
+        flight (dispatch stays asynchronous).
+        """
+        fn = self._compiled_step(batch)
+        with self._context():
+            new_state, metrics = fn(state, batch)
+        pending, self._pending = self._pending, metrics["nonfinite_run"]
+        if pending is not None and int(pending) >= self.max_nonfinite:
+            raise NonFiniteError(
+                f"{int(pending)} consecutive steps had a non-finite loss or gradient; "
+                "lower train.lr, raise train.warmup, or check the data for NaNs"
+            )
+        return new_state, metrics
+
+    def lower(self, state: dict, batch: dict):
+        """The lowered step (for memory analysis and FLOP counts in benchmarks/tests)."""
+        with self._context():
+            return self._compiled_step(batch).lower(state, batch)
