@@ -37,11 +37,14 @@ def _prefixed(prefix: str, scores: dict) -> dict:
 
 
 def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
+    """Sync scores plus event counts. With no onset and no bounce at all (e.g. blank
+    generated clips) there is nothing to be in sync, so the scores are NaN, not 1."""
     s = sync_scores_many([(v, fps, a, sr) for v, a in zip(videos, audios)])
-    return {
-        f"{prefix}.sync_{k}": float(s[k])
-        for k in ("precision", "recall", "f1", "offset_ms", "binding_acc")
-    }
+    keys = ("precision", "recall", "f1", "offset_ms", "binding_acc", "n_onsets", "n_bounces")
+    out = {f"{prefix}.sync_{k}": float(s[k]) for k in keys}
+    if s["n_onsets"] == 0 and s["n_bounces"] == 0:
+        out.update({f"{prefix}.sync_{k}": float("nan") for k in ("precision", "recall", "f1")})
+    return out
 
 
 def autoencoder_metrics(config, data, ae: dict) -> dict:
@@ -164,7 +167,8 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     metrics["report.seconds"] = time.time() - t0
     if jax.process_index() == 0:
         report.mkdir(parents=True, exist_ok=True)
-        (report / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        clean = {k: (None if v != v else v) for k, v in metrics.items()}  # NaN -> null (strict JSON)
+        (report / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
         _write_html(report, metrics, rows)
     log.info("report: %s", json.dumps({k: round(v, 3) for k, v in metrics.items()}, sort_keys=True))
     return metrics

@@ -194,7 +194,7 @@ class JointBlock(nnx.Module):
         mods = {s: self.layers[s].ada(c_acts[s]) for s in order}
         qkv = [self.layers[s].qkv(xs[s], mods[s], angles.get(s)) for s in order]
         q, k, v = (jnp.concatenate([t[i] for t in qkv], axis=1) for i in range(3))
-        o = attention(q, k, v, mask, self.backend)
+        o = constrain(attention(q, k, v, mask, self.backend), ("batch", "tokens", "heads", "kv"))
         bounds = np.cumsum([xs[s].shape[1] for s in order])[:-1]
         outs = dict(zip(order, jnp.split(o, bounds, axis=1)))
         new = {s: self.layers[s].finish(xs[s], outs[s], mods[s]) for s in order}
@@ -437,6 +437,10 @@ class DiT(nnx.Module):
                 )
             if t_audio is None:
                 raise ValueError("t_audio is required when audio latents are given")
+        if text is None and (tokens is None or mask is None):
+            raise ValueError(
+                "give caption tokens and mask (or precomputed text=model.encode_text(...))"
+            )
         feats, pooled, text_mask = text if text is not None else self.encode_text(tokens, mask)
 
         pt, ph, pw = self.patch

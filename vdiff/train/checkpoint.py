@@ -1,9 +1,13 @@
 """Orbax checkpoints: train state + data iterator state + config, saved together.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it
-when complete), so a crash mid-save never touches the last good checkpoint. Restore
-goes straight into the target shardings; a step whose files turn out to be unreadable
-is skipped with a warning and the previous one is used.
+when complete), so a crash mid-save never touches the last good checkpoint; temporary
+folders left by a crash are removed when the next run opens the folder. Each save
+also records a digest of every state array (a position-weighted wrapping sum of its
+bits, computed on device, so it is the same on any mesh). Restore goes straight into
+the target shardings, on any mesh or process count, and checks the digest: a step
+whose files are truncated, missing or silently altered is skipped with a warning and
+the previous one is used.
 """
 
 from __future__ import annotations
@@ -14,10 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Odd multiplier (Knuth's): makes the digest depend on where each value sits.
+_MIX = np.uint32(2654435761)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's arrays read back with a different digest than was saved."""
 
 
 def _abstract(abstract_state, shardings):
@@ -27,28 +44,73 @@ def _abstract(abstract_state, shardings):
     )
 
 
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """uint32 wrapping sum of ``bits * (position * MIX + 1)``: order-free, so mesh-free."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    pos = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    return jnp.sum(bits * (pos * _MIX + np.uint32(1)), dtype=jnp.uint32)
+
+
+def state_digest(state: Any) -> list[int]:
+    """One uint32 per array of ``state`` (in tree order); equal values give equal digests.
+
+    Runs on the devices holding ``state`` (a collective on multi-process meshes, so
+    every process must call it).
+    """
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    if not leaves:
+        return []
+    mesh = getattr(leaves[0].sharding, "mesh", None)
+    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    fn = jax.jit(lambda xs: jnp.stack([_leaf_digest(x) for x in xs]), out_shardings=out_sh)
+    return [int(v) for v in np.asarray(jax.device_get(fn(leaves)))]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a tiny allgather on multi-process runs)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
     """A CheckpointManager for one training stage's folder.
 
     Args:
-      directory: the stage's checkpoint folder (shared storage on multi-host runs).
-      keep: how many of the newest checkpoints to keep.
-      keep_every: additionally keep every K-th step (0 = off).
+      directory: the stage's checkpoint folder (shared storage on multi-host runs:
+        every process writes its shards there and reads any of them back).
+      keep: how many of the newest checkpoints to keep (>= 1).
+      keep_every: additionally keep every step that is a multiple of K (0 = off).
       async_save: write in a background thread while training continues.
     """
 
     def __init__(
         self, directory: str | Path, *, keep: int = 3, keep_every: int = 0, async_save: bool = True
     ):
+        if keep < 1:
+            raise UserError(f"train.keep={keep} must be >= 1 (the newest checkpoint is needed)")
+        if keep_every < 0:
+            raise UserError(f"train.keep_every={keep_every} must be >= 0 (0 = off)")
         self.directory = Path(directory).absolute()
+        policies = [ocm.LatestN(keep)]
+        if keep_every:
+            policies.append(ocm.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_every or None,
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
             create=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_names=("state", "data", "config", "meta")
         )
 
     def latest_step(self) -> int | None:
@@ -66,44 +128,72 @@ class Checkpointer:
         config: ml_collections.ConfigDict | None = None,
         force: bool = False,
     ) -> bool:
-        args = {"state": ocp.args.StandardSave(state)}
-        args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
-        args["config"] = ocp.args.JsonSave(
-            json.loads(config.to_json()) if config is not None else {}
-        )
+        """Starts saving ``step`` (returns once the arrays are copied off the devices)."""
+        meta = {"digest": state_digest(state), "process_count": jax.process_count()}
+        args = {
+            "state": ocp.args.StandardSave(state),
+            "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
+            "config": ocp.args.JsonSave(
+                json.loads(config.to_json()) if config is not None else {}
+            ),
+            "meta": ocp.args.JsonSave(meta),
+        }
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def _read(self, step: int, target) -> tuple[Any, Any]:
+        items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
+        has_meta = (self.directory / str(step) / "meta").exists()
+        if has_meta:
+            items["meta"] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out, (out["meta"] if has_meta else None)
 
     def restore(
         self, abstract_state, shardings, step: int | None = None
     ) -> tuple[int, Any, Any] | None:
         """Restores ``step`` (default: newest readable) into ``shardings``.
 
-        Returns (step, state, data_state) or None when there is no checkpoint. A newest
-        checkpoint that fails to read (truncated, missing files) is reported and the
-        previous one is tried.
+        Returns (step, state, data_state), or None when the folder has no checkpoint.
+        A checkpoint that fails to read or whose digest differs (truncated, missing or
+        altered files) is reported and the previous one is tried; every process takes
+        the same decision. Raises when checkpoints exist but none is readable (rather
+        than silently starting over), or when an explicit ``step`` is unreadable.
         """
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         target = _abstract(abstract_state, shardings)
+        errors = []
         for s in steps:
+            out, meta, err = None, None, None
             try:
-                out = self.manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-                    ),
-                )
-            except Exception as e:
-                if step is not None:
-                    raise
-                log.warning(
-                    "checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
-                    s,
-                    self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200],
-                )
-                continue
-            return s, out["state"], out["data"]
+                out, meta = self._read(s, target)
+            except Exception as e:  # any read failure means: this step is not usable
+                err = e
+            # A failure on one process (its shard files) must skip the step everywhere.
+            if _all_processes_agree(err is None):
+                saved = (meta or {}).get("digest")
+                if saved is not None and state_digest(out["state"]) != saved:
+                    err = CorruptCheckpointError(
+                        "array contents differ from the digest recorded at save time"
+                    )
+                else:
+                    return s, out["state"], out["data"]
+            elif err is None:
+                err = RuntimeError("another process could not read this step")
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            if step is not None:
+                raise UserError(f"checkpoint step {s} in {self.directory} is unreadable ({reason})")
+            log.warning(
+                "checkpoint step %d in %s is unreadable (%s); trying the previous one",
+                s,
+                self.directory,
+                reason,
+            )
+            errors.append(f"step {s}: {reason}")
+        if errors:
+            raise UserError(
+                f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); "
+                "move the folder away to start this stage over"
+            )
         return None
 
     def wait(self) -> None:

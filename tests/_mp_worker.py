@@ -1,0 +1,200 @@
+"""A small training run for the multi-process and resume tests (run as a script).
+
+Trains a two-layer MLP through :func:`vdiff.train.loop.run_stage` on an
+:class:`~vdiff.train.loop.ArraySource`, exactly as a ``vdiff train`` stage does, in
+every process started by ``launch/local.py`` (or alone). It records what it trains on
+and what it ends with, for the tests to compare:
+
+- ``WORKDIR/seen.pN.jsonl``: one line per step drawn by process N: the global step,
+  the dataset rows of its batch and a hash of the batch bytes;
+- ``WORKDIR/final.npz`` (process 0): every array of the final train state, gathered;
+- ``WORKDIR/pid.pN``: process N's pid, for the tests' signals.
+
+Exits 0 after a signal-triggered save (like ``vdiff train``), printing the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# The tests run this file by path; make the checkout importable like `pip install -e`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGE = "mlp"
+
+
+def make_mlp(rngs):
+    """16 -> 64 -> 16 MLP with logical axis names (sharded by the config's rules)."""
+    import jax
+    from flax import nnx
+
+    from vdiff.parallel.sharding import constrain
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.initializers.lecun_normal()
+            self.a = nnx.Linear(
+                16, 64, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs
+            )
+            self.b = nnx.Linear(
+                64, 16, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs
+            )
+
+        def __call__(self, x):
+            return self.b(constrain(jax.nn.gelu(self.a(x)), ("batch", "mlp")))
+
+    return MLP(rngs)
+
+
+def mse_loss(model, batch, rng):
+    import jax
+    import jax.numpy as jnp
+
+    # Input noise from the step's key: the train-state RNG must round-trip exactly.
+    x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
+    y = model(x)
+    return jnp.mean((y - batch["y"]) ** 2), {}
+
+
+def dataset(n: int = 512):
+    import numpy as np
+
+    x = np.random.RandomState(0).randn(n, 16).astype(np.float32)
+    return {"x": x, "y": np.sin(x)}
+
+
+def build(mesh_spec: dict[str, int], steps: int, *, keep: int = 2, keep_every: int = 0):
+    """(config, engine) for ``mesh_spec`` over all devices of the job."""
+    from vdiff.config import load_config
+    from vdiff.parallel.mesh import make_mesh
+    from vdiff.train.engine import Engine, OptimConfig
+
+    cfg = load_config("tiny")
+    for axis in ("data", "fsdp", "tensor", "context"):
+        cfg.mesh.shape[axis] = mesh_spec.get(axis, 1)
+    cfg.train.keep, cfg.train.keep_every = keep, keep_every
+    engine = Engine(
+        make_mlp,
+        mse_loss,
+        make_mesh(cfg),
+        cfg.mesh.rules,
+        OptimConfig(lr=1e-2, warmup=2, steps=steps),
+        ema_decay=0.9,
+    )
+    return cfg, engine
+
+
+class RecordingSource:
+    """Wraps an ArraySource; appends each drawn batch's rows and hash to a jsonl file."""
+
+    def __init__(self, source, path: Path, step_sleep: float = 0.0):
+        self.source, self.path, self.step_sleep = source, path, step_sleep
+        self.step = 0
+
+    def next(self):
+        batch = self.source.next()
+        self.step += 1
+        digest = hashlib.sha256(b"".join(batch[k].tobytes() for k in sorted(batch))).hexdigest()
+        rows = self.source.last_indices.tolist()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": self.step, "rows": rows, "sha": digest}) + "\n")
+        if self.step_sleep:
+            time.sleep(self.step_sleep)  # widens the window the kill tests aim at
+        return batch
+
+    def get_state(self):
+        return self.source.get_state()
+
+    def set_state(self, state):
+        self.source.set_state(state)
+        self.step = int(state["epoch"]) * (self.source.n // self.source.global_batch) + int(
+            state["pos"]
+        ) // self.source.global_batch
+
+
+def train(args) -> int:
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from vdiff.train import distributed
+    from vdiff.train.loop import ArraySource, PreemptedError, run_stage
+
+    distributed.initialize()
+    mesh_spec = json.loads(args.mesh)
+    cfg, engine = build(mesh_spec, args.steps, keep=args.keep, keep_every=args.keep_every)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pc, pi = jax.process_count(), jax.process_index()
+    (workdir / f"pid.p{pi}").write_text(str(os.getpid()))  # lets the tests signal one process
+    source = RecordingSource(
+        ArraySource(dataset(), args.global_batch // pc, seed=7),
+        workdir / f"seen.p{pi}.jsonl",
+        args.step_sleep,
+    )
+    try:
+        state, summary = run_stage(
+            STAGE,
+            engine,
+            source,
+            steps=args.steps,
+            workdir=workdir,
+            config=cfg,
+            seed=0,
+            log_every=args.steps,
+            ckpt_every=args.ckpt_every,
+            sync_every=args.sync_every,
+        )
+    except PreemptedError as e:
+        print(f"vdiff: {e}", flush=True)
+        return 0
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    arrays = {
+        jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        for path, x in flat
+    }
+    if pi == 0:
+        np.savez(workdir / "final.npz", **arrays)
+        (workdir / "summary.json").write_text(json.dumps(summary, default=float))
+    print(f"worker {pi}: done, start_step={summary['start_step']}", flush=True)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--ckpt-every", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--mesh", default='{"data": 8}', help='JSON axis sizes, e.g. {"fsdp": 8}')
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--keep-every", type=int, default=0)
+    p.add_argument("--sync-every", type=int, default=1)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--devices", type=int, default=0, help="fake CPU devices (0: leave XLA_FLAGS)")
+    args = p.parse_args()
+    if args.devices:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[{os.environ.get('JAX_PROCESS_ID', '0')}] %(levelname).1s %(name)s: %(message)s",
+    )
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

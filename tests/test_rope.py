@@ -1,0 +1,102 @@
+"""3D RoPE on a shared physical time axis."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdiff.models.rope import (
+    apply_rope,
+    audio_positions,
+    audio_token_times,
+    rope_angles,
+    rope_split,
+    video_positions,
+    video_token_times,
+)
+
+HD = 32
+SCALE = 25.0
+
+
+def logits(q, k, pos_q, pos_k):
+    """All q.k dot products after rotating by their positions."""
+    rq = apply_rope(q, rope_angles(pos_q, HD, time_scale=SCALE))
+    rk = apply_rope(k, rope_angles(pos_k, HD, time_scale=SCALE))
+    return jnp.einsum("bqhd,bkhd->bhqk", rq, rk)
+
+
+def test_rope_split_covers_head_dim():
+    for hd in (8, 16, 32, 48, 64, 128):
+        parts = rope_split(hd)
+        assert sum(parts) == hd and all(p % 2 == 0 and p > 0 for p in parts)
+        assert parts[0] >= hd // 2  # time gets at least half
+    with pytest.raises(ValueError, match="even head_dim"):
+        rope_split(6)
+
+
+def test_dot_products_depend_only_on_relative_position():
+    kq, kk, kp = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (1, 10, 2, HD))
+    k = jax.random.normal(kk, (1, 10, 2, HD))
+    pos = jax.random.uniform(kp, (1, 10, 3), maxval=4.0)  # fractional seconds and grid positions
+    ref = logits(q, k, pos, pos)
+    shift = jnp.array([0.37, 3.0, -5.0])
+    np.testing.assert_allclose(logits(q, k, pos + shift, pos + shift), ref, atol=2e-4, rtol=1e-4)
+    # Moving only the keys changes the logits (the rotation is not a no-op).
+    moved = logits(q, k, pos, pos + jnp.array([0.1, 0.0, 0.0]))
+    assert float(jnp.abs(moved - ref).max()) > 1e-2
+
+
+def test_video_and_audio_tokens_at_same_time_share_temporal_angle():
+    fps = 8.0
+    tv = video_token_times(4, 1, fps, 4)
+    ta = audio_token_times(50, 1, 25.0)
+    # Video token 1 sits at 2.5 / 8 = 0.3125 s; audio token 7 at 7.5 / 25 = 0.3 s.
+    vpos = video_positions(tv, (2, 3))
+    apos = audio_positions(jnp.asarray([tv[1], ta[7]]), (2, 3))
+    va = rope_angles(vpos, HD, time_scale=SCALE)
+    aa = rope_angles(apos, HD, time_scale=SCALE)
+    nt = rope_split(HD)[0] // 2
+    video_tok = 1 * 2 * 3  # first token of the second temporal slice
+    np.testing.assert_allclose(aa[0, 0, :nt], va[0, video_tok, :nt], rtol=1e-6)
+    assert float(jnp.abs(aa[0, 1, :nt] - va[0, video_tok, :nt]).max()) > 1e-3
+    # Audio sits at the centre of the video grid, for every audio token.
+    np.testing.assert_allclose(apos[0, :, 1:], np.full((2, 2), [0.5, 1.0]))
+
+
+def test_cross_modal_logits_unchanged_when_both_modalities_shift_in_time():
+    kq, kk = jax.random.split(jax.random.key(1))
+    tv = jnp.asarray(video_token_times(4, 1, 8.0, 4))
+    ta = jnp.asarray(audio_token_times(12, 1, 25.0))
+    pos = jnp.concatenate([video_positions(tv, (2, 2)), audio_positions(ta, (2, 2))], axis=1)
+    n = pos.shape[1]
+    q = jax.random.normal(kq, (1, n, 2, HD))
+    k = jax.random.normal(kk, (1, n, 2, HD))
+    ref = logits(q, k, pos, pos)
+    for dt in (0.5, 1.234, 10.0):
+        shifted = pos.at[..., 0].add(dt)
+        np.testing.assert_allclose(logits(q, k, shifted, shifted), ref, atol=5e-4, rtol=1e-4)
+    # Shifting the audio alone changes video<->audio logits.
+    audio_only = pos.at[:, 16:, 0].add(0.5)
+    changed = logits(q, k, pos, audio_only)[..., :16, 16:]
+    assert float(jnp.abs(changed - ref[..., :16, 16:]).max()) > 1e-2
+
+
+def test_video_token_times_follow_causal_vae_layout():
+    # Latent 0 covers frame 0; latent k covers frames 4k-3..4k.
+    np.testing.assert_allclose(
+        video_token_times(4, 1, 8.0, 4), np.array([0.0, 2.5, 6.5, 10.5]) / 8.0
+    )
+    # Two latents per token: frames 0..4 and 5..12.
+    np.testing.assert_allclose(video_token_times(4, 2, 8.0, 4), np.array([2.0, 8.5]) / 8.0)
+    np.testing.assert_allclose(video_token_times(3, 1, 24.0, 4), np.array([0.0, 2.5, 6.5]) / 24.0)
+    with pytest.raises(ValueError, match="patch_t"):
+        video_token_times(3, 2, 8.0, 4)
+
+
+def test_audio_token_times_are_span_midpoints():
+    np.testing.assert_allclose(audio_token_times(4, 1, 25.0), [0.02, 0.06, 0.10, 0.14], rtol=1e-6)
+    np.testing.assert_allclose(audio_token_times(4, 2, 25.0), [0.04, 0.12], rtol=1e-6)
+    with pytest.raises(ValueError, match="audio_patch"):
+        audio_token_times(5, 2, 25.0)
