@@ -69,20 +69,32 @@ def dataset(n: int = 512):
     return {"x": x, "y": np.sin(x)}
 
 
-def build(mesh_spec: dict[str, int], steps: int, *, keep: int = 2, keep_every: int = 0):
-    """(config, engine) for ``mesh_spec`` over all devices of the job."""
+def build_config(mesh_spec: dict[str, int], *, keep: int = 2, keep_every: int = 0):
     from vdiff.config import load_config
-    from vdiff.parallel.mesh import make_mesh
-    from vdiff.train.engine import Engine, OptimConfig
 
     cfg = load_config("tiny")
     for axis in ("data", "fsdp", "tensor", "context"):
         cfg.mesh.shape[axis] = mesh_spec.get(axis, 1)
     cfg.train.keep, cfg.train.keep_every = keep, keep_every
+    return cfg
+
+
+def build(
+    mesh_spec: dict[str, int], steps: int, *, keep: int = 2, keep_every: int = 0, devices=None
+):
+    """(config, engine) for ``mesh_spec`` over ``devices`` (default: the job's first N)."""
+    import math
+
+    import jax
+
+    from vdiff.parallel.mesh import make_mesh
+    from vdiff.train.engine import Engine, OptimConfig
+
+    cfg = build_config(mesh_spec, keep=keep, keep_every=keep_every)
     engine = Engine(
         make_mlp,
         mse_loss,
-        make_mesh(cfg),
+        make_mesh(cfg, devices or jax.devices()[: math.prod(mesh_spec.values())]),
         cfg.mesh.rules,
         OptimConfig(lr=1e-2, warmup=2, steps=steps),
         ema_decay=0.9,
@@ -113,9 +125,10 @@ class RecordingSource:
 
     def set_state(self, state):
         self.source.set_state(state)
-        self.step = int(state["epoch"]) * (self.source.n // self.source.global_batch) + int(
-            state["pos"]
-        ) // self.source.global_batch
+        self.step = (
+            int(state["epoch"]) * (self.source.n // self.source.global_batch)
+            + int(state["pos"]) // self.source.global_batch
+        )
 
 
 def train(args) -> int:

@@ -1,11 +1,13 @@
-"""Real multi-process runs on localhost: launch/local.py + jax.distributed + gloo.
+"""Multi-process runs on localhost: launch/local.py + jax.distributed + gloo.
 
-Every run is ``tests/_mp_worker.py`` (an MLP stage through ``run_stage``) started by
-``launch/local.py`` as 2 processes x 4 fake CPU devices sharing one checkpoint folder.
+The training runs are ``tests/_mp_worker.py`` (an MLP stage through ``run_stage``) started
+by ``launch/local.py`` as 2 processes x 4 fake CPU devices sharing one checkpoint folder.
+Also here: the launcher's failure handling and the environment -> jax.distributed parsing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,8 +25,6 @@ WORKER = ROOT / "tests" / "_mp_worker.py"
 LAUNCH = ROOT / "launch" / "local.py"
 STEPS, CKPT_EVERY, SLEEP = 16, 4, 0.15
 MESH = '{"fsdp": 8}'
-
-pytestmark = pytest.mark.multiprocess
 
 
 def _cmd(workdir: Path, nproc: int = 2) -> list[str]:
@@ -93,10 +93,8 @@ def _seen(workdir: Path, rank: int) -> list[dict]:
     """Every batch record of ``rank`` (a line cut short by SIGKILL is ignored)."""
     out = []
     for line in (workdir / f"seen.p{rank}.jsonl").read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
     return out
 
 
@@ -109,19 +107,20 @@ def reference(tmp_path_factory) -> Path:
     return workdir
 
 
-def test_two_processes_match_one_process(reference, devices):
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(reference, devices, tmp_path):
     """2 processes x 4 devices == 1 process x 8 devices: same batches, same parameters."""
     sys.path.insert(0, str(WORKER.parent))
     import _mp_worker as w
+
     from vdiff.train.loop import ArraySource, run_stage
 
-    workdir = reference.parent / "one_process"
+    workdir = tmp_path
     cfg, engine = w.build(json.loads(MESH), STEPS)
     source = w.RecordingSource(
         ArraySource(w.dataset(), 32, seed=7, process_index=0, process_count=1),
         workdir / "seen.p0.jsonl",
     )
-    workdir.mkdir()
     state, _ = run_stage(
         "mlp", engine, source, steps=STEPS, workdir=workdir, config=cfg, seed=0, log_every=STEPS
     )
@@ -142,10 +141,12 @@ def test_two_processes_match_one_process(reference, devices):
             np.testing.assert_array_equal(np.asarray(x), ref)
 
 
+@pytest.mark.multiprocess
 def test_two_process_checkpoint_restores_on_one_process(reference, devices):
     """The 2-process job's newest checkpoint, read by one process onto other meshes."""
     sys.path.insert(0, str(WORKER.parent))
     import _mp_worker as w
+
     from vdiff.train.checkpoint import Checkpointer
 
     final = np.load(reference / "final.npz")
@@ -161,6 +162,7 @@ def test_two_process_checkpoint_restores_on_one_process(reference, devices):
     ckpt.close()
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_relaunch_is_bitwise_equal(reference, tmp_path):
     """SIGKILL one process mid-training; the same command again ends bit-identical."""
     p = _start(tmp_path)
@@ -196,6 +198,7 @@ def test_sigkill_then_relaunch_is_bitwise_equal(reference, tmp_path):
             assert (r["rows"], r["sha"]) == expected[r["step"]], r["step"]
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_one_process_saves_and_exits_zero(tmp_path):
     """A preemption notice on one host stops every host at the same step, after a save."""
     p = _start(tmp_path)
@@ -220,3 +223,81 @@ def test_sigterm_to_one_process_saves_and_exits_zero(tmp_path):
     # Both processes drew exactly the batches of the steps they trained.
     for rank in (0, 1):
         assert max(r["step"] for r in _seen(tmp_path, rank)) == stop
+
+
+_CHILD = """
+import os, sys, time
+rank = int(os.environ["JAX_PROCESS_ID"])
+print("env", os.environ["JAX_COORDINATOR_ADDRESS"], os.environ["JAX_NUM_PROCESSES"],
+      os.environ["XLA_FLAGS"], flush=True)
+if rank == 1:
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def test_launcher_stops_the_rest_when_one_fails():
+    """Rank 1 exits 3 at once; the launcher kills rank 0 (asleep) and exits 3."""
+    t0 = time.time()
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(LAUNCH),
+            "--nproc",
+            "2",
+            "--devices-per-proc",
+            "3",
+            "--grace",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            _CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(),
+    )
+    assert run.returncode == 3, run.stdout
+    assert time.time() - t0 < 20  # not the 60 s rank 0 would sleep
+    lines = run.stdout.splitlines()
+    for rank in (0, 1):
+        env_line = next(x for x in lines if x.startswith(f"[{rank}] env"))
+        _, _, address, nproc, *flags = env_line.split()
+        assert address.startswith("localhost:") and nproc == "2"
+        assert flags == ["--xla_force_host_platform_device_count=3"]
+    assert "[launch] exit codes: [" in run.stdout
+
+
+def test_environment_to_distributed_arguments():
+    from vdiff.errors import UserError
+    from vdiff.train.distributed import explicit_args, wants_auto_detect
+
+    assert explicit_args({}) is None
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "3",
+        "JAX_LOCAL_DEVICE_IDS": "0,1",
+    }
+    assert explicit_args(env) == {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+        "local_device_ids": [0, 1],
+    }
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES"):
+        explicit_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"})
+    with pytest.raises(UserError, match="HOST:PORT"):
+        explicit_args({**env, "JAX_COORDINATOR_ADDRESS": "h"})
+    with pytest.raises(UserError, match=r"JAX_PROCESS_ID=4 must be in \[0"):
+        explicit_args({**env, "JAX_PROCESS_ID": "4"})
+    with pytest.raises(UserError, match="comma-separated"):
+        explicit_args({**env, "JAX_LOCAL_DEVICE_IDS": "0;1"})
+    # Only an srun step of several tasks counts as SLURM multi-process, not the batch shell.
+    assert wants_auto_detect({"SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16"})
+    assert not wants_auto_detect({"SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"})
+    assert wants_auto_detect({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert wants_auto_detect({"VDIFF_DISTRIBUTED": "auto"})
+    assert not wants_auto_detect({})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from vdiff.errors import UserError
@@ -29,8 +30,19 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         main_job.run(config, Path(args.workdir), report=not args.no_report)
     except PreemptedError as e:
-        print(f"vdiff: {e}")
+        print(f"vdiff: {e}", flush=True)
+        # 0 by default; schedulers that must tell "stopped early" from "finished" (a
+        # requeueing sbatch, a Kubernetes Job) set a non-zero code, e.g. 143.
+        return _preempted_exit_code()
     return 0
+
+
+def _preempted_exit_code() -> int:
+    value = os.environ.get("VDIFF_PREEMPTED_EXIT_CODE", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"VDIFF_PREEMPTED_EXIT_CODE={value!r} must be an integer") from None
 
 
 def sample(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -5,16 +5,21 @@ Compression: ``spatial_down`` x ``spatial_down`` in space (a power of two >= 2) 
 one-frame video is an image in the same latent space, and latent frame ``j >= 1``
 summarises input frames ``(j-1)*td + 1 .. j*td`` (td = temporal_down).
 
-Layout of the encoder (the decoder mirrors it)::
+Layout (L = log2(spatial_down); "fold" = time_to_depth by td, with the first frame
+repeated td-1 times on the left so that it makes latent frame 0 on its own)::
 
-    x (B,T,H,W,3) -space_to_depth 2-> conv3x3 -> [ResBlock -> space_to_depth 2 -> 1x1] * (L-1)
-      -> ResBlock -> time_to_depth td (first frame repeated td-1 times on the left) -> 1x1
-      -> ResBlock * num_blocks -> conv3x3 -> (mean, logvar)   with L = log2(spatial_down)
+    encoder: x (B,T,H,W,3) -space_to_depth 2-> conv3x3 -> fold -> 1x1
+             -> [ResBlock -> space_to_depth 2 -> 1x1] * (L-1) -> ResBlock * num_blocks
+             -> conv3x3 -> (mean, logvar)
+    decoder: z -> conv3x3 -> ResBlock * num_blocks -> 1x1 -> unfold (drop td-1 frames)
+             -> ResBlock -> [1x1 -> depth_to_space 2 -> ResBlock] * (L-1)
+             -> conv3x3 -> depth_to_space 2 -> x_hat
 
 Why it is shaped like this: the tiny recipe trains this VAE on 2 CPU cores, so every
-conv runs at H/2 or less (the first space_to_depth is lossless and costs nothing), time
-is folded into channels once at the cheapest resolution, and the only ops that look
-across frames are causal temporal convs. That also makes chunked decoding exact: the
+conv runs at H/2 or less (the first space_to_depth is lossless and costs nothing), the
+encoder folds time into channels right after its linear stem (so it runs at the latent
+frame rate), the decoder spends its full-frame-rate compute on rendering, and the only
+ops that look across frames are causal temporal convs. That also makes chunked decoding exact: the
 decoder carries each temporal conv's last k-1 input frames in a cache
 (:meth:`VideoVAE.decode_step`), and ``decode_chunked`` equals ``decode``.
 """
@@ -132,16 +137,17 @@ class VideoVAE(nnx.Module):
         ch = [channels * mult[min(i, len(mult) - 1)] for i in range(levels)]
         low, wide, td = ch[-1], channels * latent_mult, temporal_down
 
-        # Encoder.
+        # Encoder: time is folded right after the (per-frame, linear) stem, so every
+        # later encoder layer runs at the latent frame rate.
+        down_out = [*ch[1:-1], wide]  # the last spatial level feeds the latent trunk
         self.enc_in = Conv2dFrames(12, ch[0], 3, rngs=rngs)
+        self.enc_time = Pointwise(td * ch[0], ch[0] if levels > 1 else wide, rngs=rngs)
         self.enc_level_blocks = nnx.List(
             [ResBlock2Plus1D(ch[i], rngs=rngs) for i in range(levels - 1)]
         )
         self.enc_down = nnx.List(
-            [Pointwise(4 * ch[i], ch[i + 1], rngs=rngs) for i in range(levels - 1)]
+            [Pointwise(4 * ch[i], down_out[i], rngs=rngs) for i in range(levels - 1)]
         )
-        self.enc_low_block = ResBlock2Plus1D(low, rngs=rngs)
-        self.enc_time = Pointwise(td * low, wide, rngs=rngs)
         self.enc_latent_blocks = nnx.List(
             [ResBlock2Plus1D(wide, rngs=rngs) for _ in range(num_blocks)]
         )
@@ -231,12 +237,11 @@ class VideoVAE(nnx.Module):
             return constrain(h, _VIDEO_AXES)
 
         h = self.enc_in(space_to_depth(x, 2))
-        for blk, down in zip(self.enc_level_blocks, self.enc_down):
-            h = down(space_to_depth(block(blk, h), 2))
-        h = block(self.enc_low_block, h)
         if start and td > 1:  # the first frame alone makes latent frame 0
             h = jnp.concatenate([jnp.repeat(h[:, :1], td - 1, axis=1), h], axis=1)
         h = self.enc_time(time_to_depth(h, td))
+        for blk, down in zip(self.enc_level_blocks, self.enc_down):
+            h = down(space_to_depth(block(blk, h), 2))
         for blk in self.enc_latent_blocks:
             h = block(blk, h)
         moments = self.enc_out(jax.nn.silu(self.enc_norm(h)))

@@ -2,7 +2,7 @@
 
 Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it
 when complete), so a crash mid-save never touches the last good checkpoint; temporary
-folders left by a crash are removed when the next run opens the folder. Each save
+folders left by a crash are removed by the next run's first save. Each save
 also records a digest of every state array (a position-weighted wrapping sum of its
 bits, computed on device, so it is the same on any mesh). Restore goes straight into
 the target shardings, on any mesh or process count, and checks the digest: a step
@@ -12,8 +12,10 @@ the previous one is used.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Orbax writes a step into STEP.orbax-checkpoint-tmp and renames it when complete.
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Odd multiplier (Knuth's): makes the digest depend on where each value sits.
 _MIX = np.uint32(2654435761)
 
@@ -67,9 +71,14 @@ def state_digest(state: Any) -> list[int]:
     if not leaves:
         return []
     mesh = getattr(leaves[0].sharding, "mesh", None)
-    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(lambda xs: jnp.stack([_leaf_digest(x) for x in xs]), out_shardings=out_sh)
-    return [int(v) for v in np.asarray(jax.device_get(fn(leaves)))]
+    out = _digest_fn(NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)(leaves)
+    return [int(v) for v in np.asarray(jax.device_get(out))]
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_fn(out_sharding):
+    # Replicated output: every process can read it (the arrays may span processes).
+    return jax.jit(lambda xs: jnp.stack([_leaf_digest(x) for x in xs]), out_shardings=out_sharding)
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -106,12 +115,16 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            # Leftovers are cleared by our first save instead (see _prepare_to_write): a
+            # reader (``vdiff sample`` during training) must never touch the folder.
+            cleanup_tmp_directories=False,
             create=True,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "meta")
         )
+        self._unreadable: list[int] = []  # steps restore skipped, set aside before writing
+        self._writing = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -129,13 +142,13 @@ class Checkpointer:
         force: bool = False,
     ) -> bool:
         """Starts saving ``step`` (returns once the arrays are copied off the devices)."""
+        if not self._writing:
+            self._prepare_to_write()
         meta = {"digest": state_digest(state), "process_count": jax.process_count()}
         args = {
             "state": ocp.args.StandardSave(state),
             "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
-            "config": ocp.args.JsonSave(
-                json.loads(config.to_json()) if config is not None else {}
-            ),
+            "config": ocp.args.JsonSave(json.loads(config.to_json()) if config is not None else {}),
             "meta": ocp.args.JsonSave(meta),
         }
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -156,7 +169,8 @@ class Checkpointer:
         Returns (step, state, data_state), or None when the folder has no checkpoint.
         A checkpoint that fails to read or whose digest differs (truncated, missing or
         altered files) is reported and the previous one is tried; every process takes
-        the same decision. Raises when checkpoints exist but none is readable (rather
+        the same decision. Steps skipped that way are renamed ``STEP.unreadable`` by
+        the first :meth:`save` (restoring alone never changes the folder). Raises when checkpoints exist but none is readable (rather
         than silently starting over), or when an explicit ``step`` is unreadable.
         """
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
@@ -176,6 +190,7 @@ class Checkpointer:
                         "array contents differ from the digest recorded at save time"
                     )
                 else:
+                    self._unreadable = [b for b in steps if b > s]
                     return s, out["state"], out["data"]
             elif err is None:
                 err = RuntimeError("another process could not read this step")
@@ -195,6 +210,37 @@ class Checkpointer:
                 "move the folder away to start this stage over"
             )
         return None
+
+    def _prepare_to_write(self) -> None:
+        """Before this run's first save: clear what earlier runs left in the way.
+
+        Temporary folders of interrupted saves are deleted; steps that restore found
+        unreadable are renamed ``STEP.unreadable`` (renamed, not deleted: a read error on
+        a flaky filesystem must not cost data), so this run can write those steps again.
+        """
+        self._writing = True
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(f"*{_TMP_SUFFIX}*"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    log.info("removed %s, left by an interrupted save", tmp.name)
+            for b in self._unreadable:
+                src = self.directory / str(b)
+                if not src.exists():
+                    continue
+                dst = self.directory / f"{b}.unreadable"
+                n = 1
+                while dst.exists():
+                    n += 1
+                    dst = self.directory / f"{b}.unreadable{n}"
+                src.rename(dst)
+                log.warning("moved unreadable checkpoint %s to %s", src, dst.name)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("vdiff_checkpoint_prepare_to_write")
+        self._unreadable = []
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
