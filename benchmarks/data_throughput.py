@@ -37,15 +37,35 @@ def _dataset(root: Path, resolution: int, frames: int, clips: int) -> Path:
     from data_pipelines.ingest import ingest
     from data_pipelines.shapes.synth import synth_dataset
 
-    synth_dataset(root / "raw", clips, seed=0, resolution=resolution, frames=frames, split="train", workers=2, progress=False)
+    synth_dataset(
+        root / "raw",
+        clips,
+        seed=0,
+        resolution=resolution,
+        frames=frames,
+        split="train",
+        workers=2,
+        progress=False,
+    )
     ingest(root / "raw", root / "records", split="train", workers=2, progress=False)
     return root / "records"
 
 
-def _time_pipeline(config, records: Path, tokenizer, workers: int, batches: int, batch_size: int) -> float:
+def _time_pipeline(
+    config, records: Path, tokenizer, workers: int, batches: int, batch_size: int
+) -> float:
     from data_pipelines.pipeline import make_pipeline
 
-    it = make_pipeline(config, records, tokenizer=tokenizer, batch_size=batch_size, process_index=0, process_count=1, seed=0, worker_count=workers)
+    it = make_pipeline(
+        config,
+        records,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        process_index=0,
+        process_count=1,
+        seed=0,
+        worker_count=workers,
+    )
     try:
         next(it)  # start-up (worker spawn, first decode) is not throughput
         t = time.perf_counter()
@@ -102,18 +122,51 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, res, frames, clips in (("tiny 32x32x16", 32, 16, args.clips), ("256x256x16", 256, 16, max(32, args.clips // 4))):
-            config = load_config("tiny", [f"data.resolution={res}", f"data.buckets=(({res},{res},{frames}),)", f"data.frames={frames}"])
+        for name, res, frames, clips in (
+            ("tiny 32x32x16", 32, 16, args.clips),
+            ("256x256x16", 256, 16, max(32, args.clips // 4)),
+        ):
+            config = load_config(
+                "tiny",
+                [
+                    f"data.resolution={res}",
+                    f"data.buckets=(({res},{res},{frames}),)",
+                    f"data.frames={frames}",
+                ],
+            )
             records = _dataset(tmp / name.split()[0], res, frames, clips)
-            tok = Tokenizer(train_tokenizer(["a red circle moves left on a blue background"] * 50 + ["a green square"] * 50, str(tmp / "tok"), vocab_size=300))
+            tok = Tokenizer(
+                train_tokenizer(
+                    ["a red circle moves left on a blue background"] * 50 + ["a green square"] * 50,
+                    str(tmp / "tok"),
+                    vocab_size=300,
+                )
+            )
             for workers in (0, 1, 2):
                 rate = _time_pipeline(config, records, tok, workers, args.batches, args.batch_size)
-                rows.append({"clips": name, "workers": workers, "clips_per_s": rate, "clips_per_s_per_worker": rate / max(workers, 1)})
-                print(f"{name:>14}  workers={workers}  {rate:7.1f} clips/s  ({rate / max(workers, 1):.1f} per worker)", flush=True)
+                rows.append(
+                    {
+                        "clips": name,
+                        "workers": workers,
+                        "clips_per_s": rate,
+                        "clips_per_s_per_worker": rate / max(workers, 1),
+                    }
+                )
+                print(
+                    f"{name:>14}  workers={workers}  {rate:7.1f} clips/s  ({rate / max(workers, 1):.1f} per worker)",
+                    flush=True,
+                )
     config = load_config("tiny")
     consume = _train_step_rate(config)
-    print(f"tiny transformer train step consumes {consume:.1f} clips/s (batch {config.train.batch_size}, cached latents)")
-    result = {"machine": _machine(), "pipeline": rows, "train_step_clips_per_s": consume, "batch_size": args.batch_size}
+    print(
+        f"tiny transformer train step consumes {consume:.1f} clips/s (batch {config.train.batch_size}, cached latents)"
+    )
+    result = {
+        "machine": _machine(),
+        "pipeline": rows,
+        "train_step_clips_per_s": consume,
+        "batch_size": args.batch_size,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_throughput.json").write_text(json.dumps(result, indent=2))

@@ -167,7 +167,9 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     metrics["report.seconds"] = time.time() - t0
     if jax.process_index() == 0:
         report.mkdir(parents=True, exist_ok=True)
-        clean = {k: (None if v != v else v) for k, v in metrics.items()}  # NaN -> null (strict JSON)
+        clean = {
+            k: (None if v != v else v) for k, v in metrics.items()
+        }  # NaN -> null (strict JSON)
         (report / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
         _write_html(report, metrics, rows)
     log.info("report: %s", json.dumps({k: round(v, 3) for k, v in metrics.items()}, sort_keys=True))
