@@ -57,28 +57,36 @@ def vae():
     return _vae()
 
 
+def _abstract_vae(**kw):
+    """A VAE with abstract parameters: shape checks trace the model without running it."""
+    return nnx.eval_shape(lambda: VideoVAE(latent_channels=4, channels=8, rngs=nnx.Rngs(0), **kw))
+
+
 @pytest.mark.parametrize("spatial_down", [4, 8])
 @pytest.mark.parametrize("thw", [(1, 32, 32), (5, 32, 48), (16, 64, 32), (9, 16, 16)])
 def test_shapes_follow_compression(spatial_down, thw):
     t, h, w = thw
-    model = _vae(spatial_down=spatial_down)
-    x = _video((2, t, h, w, 3))
-    mean, logvar = model.encode(x)
+    model = _abstract_vae(spatial_down=spatial_down, temporal_down=4)
+    x = jax.ShapeDtypeStruct((2, t, h, w, 3), jnp.float32)
+    mean, logvar = nnx.eval_shape(lambda m, x: m.encode(x), model, x)
     tl = 1 + -(-(t - 1) // 4)
     assert mean.shape == (2, tl, h // spatial_down, w // spatial_down, 4)
     assert logvar.shape == mean.shape
     assert model.latent_shape(t, h, w) == mean.shape[1:]
-    full = model.decode(mean)
+    full = nnx.eval_shape(lambda m, z: m.decode(z), model, mean)
     assert full.shape == (2, decoded_frames(tl, 4), h, w, 3)
-    assert model.decode(mean, num_frames=t).shape == x.shape
+    cropped = nnx.eval_shape(lambda m, z: m.decode(z, num_frames=t), model, mean)
+    assert cropped.shape == x.shape
+    chunked = nnx.eval_shape(lambda m, z: m.decode_chunked(z, 2, num_frames=t), model, mean)
+    assert chunked.shape == x.shape
 
 
 def test_temporal_down_one_is_per_frame():
-    model = _vae(temporal_down=1)
-    x = _video((1, 6, 16, 16, 3))
-    mean, _ = model.encode(x)
+    model = _abstract_vae(temporal_down=1)
+    x = jax.ShapeDtypeStruct((1, 6, 16, 16, 3), jnp.float32)
+    mean, _ = nnx.eval_shape(lambda m, x: m.encode(x), model, x)
     assert mean.shape == (1, 6, 4, 4, 4)
-    assert model.decode(mean).shape == x.shape
+    assert nnx.eval_shape(lambda m, z: m.decode(z), model, mean).shape == x.shape
 
 
 def test_latent_frames_formula():
@@ -90,7 +98,7 @@ def test_latent_frames_formula():
 
 
 def test_image_round_trip_and_first_frame_causality(vae):
-    x = _video((2, 9, 32, 32, 3), seed=1)
+    x = _video((1, 9, 16, 16, 3), seed=1)
     image = x[:, :1]
     mean_img, logvar_img = vae.encode(image)
     assert mean_img.shape[1] == 1
@@ -133,16 +141,16 @@ def test_per_frame_model_is_frame_causal():
 
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_decode_matches_full(vae, chunk):
-    z = _video((2, 5, 8, 8, 4), seed=5)
+    z = _video((1, 5, 4, 4, 4), seed=5)
     full = vae.decode(z, num_frames=16)
     chunked = vae.decode_chunked(z, chunk, num_frames=16)
-    assert chunked.shape == full.shape == (2, 16, 32, 32, 3)
+    assert chunked.shape == full.shape == (1, 16, 16, 16, 3)
     np.testing.assert_allclose(chunked, full, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_encode_matches_full(vae, chunk):
-    x = _video((1, 14, 16, 16, 3), seed=6)
+    x = _video((1, 13, 16, 16, 3), seed=6)
     mean, logvar = vae.encode(x)
     mean_c, logvar_c = vae.encode_chunked(x, chunk)
     np.testing.assert_allclose(mean_c, mean, atol=1e-4)
@@ -173,7 +181,7 @@ def test_bad_inputs_raise_clear_errors(vae):
 
 def test_from_config_and_logical_axes():
     cfg = get_base_config().vae
-    model = VideoVAE.from_config(cfg, nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: VideoVAE.from_config(cfg, nnx.Rngs(0)))
     assert model.latent_shape(16, 32, 32) == (5, 8, 8, cfg.latent_channels)
     params = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(params):
@@ -197,7 +205,7 @@ def test_vae_loss_trains_on_a_fixed_batch():
 
     first = step(model, opt, jax.random.key(0))
     assert set(first) >= {"loss", "recon", "kl", "psnr"}
-    for i in range(1, 30):
+    for i in range(1, 20):
         last = step(model, opt, jax.random.key(i))
     assert float(last["loss"]) < 0.7 * float(first["loss"])
     assert float(last["psnr"]) > float(first["psnr"]) + 1.0
