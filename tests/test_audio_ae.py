@@ -89,7 +89,7 @@ def test_training_on_clicks_reduces_loss_and_keeps_onsets():
 
     rng = np.random.default_rng(0)
     losses = []
-    for i in range(150):
+    for i in range(120):
         mel, _ = _clicks(rng, 8, 64)
         losses.append(float(step(model, opt, mel, jax.random.key(i))["loss"]))
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:3])
@@ -104,3 +104,11 @@ def test_training_on_clicks_reduces_loss_and_keeps_onsets():
         int(np.argmax(rise[b, s - 3 : s + 2]) + s - 2) == s for b in range(8) for s in onsets[b]
     ]
     assert np.mean(hits) >= 0.9
+
+
+def test_params_carry_logical_axes():
+    model = nnx.eval_shape(lambda: AudioAE(n_mels=N_MELS, rngs=nnx.Rngs(0)))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.get_value().ndim, path
+        assert names[-1] == "conv_out", path

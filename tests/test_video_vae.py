@@ -1,5 +1,7 @@
 """Video VAE: shapes, causality, chunked decoding, latent stats, losses and metrics."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,33 +21,40 @@ from vdiff.models.video_vae import (
 )
 
 
-def _randomize(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Gives every zero-initialised parameter random values.
+def _vae(spatial_down=4, temporal_down=4, seed=0):
+    """A small VAE with every parameter random.
 
     Residual branches start at zero (each block is the identity), which would make
     the causality and chunking tests pass trivially; random values make every
     temporal conv actually mix frames.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        jnp.where(jnp.all(p == 0), 0.2 * jax.random.normal(k, p.shape), p)
-        for p, k in zip(leaves, keys)
-    ]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
-
-
-def _vae(spatial_down=4, temporal_down=4, seed=0, **kw):
-    model = VideoVAE(
-        spatial_down=spatial_down,
-        temporal_down=temporal_down,
-        latent_channels=4,
-        channels=8,
-        rngs=nnx.Rngs(seed),
-        **kw,
+    abstract = nnx.eval_shape(
+        lambda: VideoVAE(
+            spatial_down=spatial_down,
+            temporal_down=temporal_down,
+            latent_channels=4,
+            channels=8,
+            rngs=nnx.Rngs(seed),
+        )
     )
-    return _randomize(model, seed)
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)  # numpy: no per-shape PRNG compiles
+    values = [
+        rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
+        if leaf.ndim >= 2  # conv kernels: fan-in scaled
+        else 1.0 + 0.1 * rng.standard_normal(leaf.shape)  # biases and norm scales
+        for leaf in leaves
+    ]
+    values = [jnp.asarray(v, jnp.float32) for v in values]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+
+# Jitted entry points: one compile per shape instead of hundreds of eager op dispatches.
+_encode = nnx.jit(VideoVAE.encode)
+_decode = nnx.jit(VideoVAE.decode, static_argnames="num_frames")
+_decode_chunked = nnx.jit(VideoVAE.decode_chunked, static_argnames=("chunk_frames", "num_frames"))
+_encode_chunked = nnx.jit(VideoVAE.encode_chunked, static_argnames="chunk_frames")
 
 
 def _video(shape, seed=0):
@@ -100,10 +109,10 @@ def test_latent_frames_formula():
 def test_image_round_trip_and_first_frame_causality(vae):
     x = _video((1, 9, 16, 16, 3), seed=1)
     image = x[:, :1]
-    mean_img, logvar_img = vae.encode(image)
+    mean_img, logvar_img = _encode(vae, image)
     assert mean_img.shape[1] == 1
-    assert vae.decode(mean_img).shape == image.shape
-    mean_vid, logvar_vid = vae.encode(x)
+    assert _decode(vae, mean_img).shape == image.shape
+    mean_vid, logvar_vid = _encode(vae, x)
     np.testing.assert_allclose(mean_img[:, 0], mean_vid[:, 0], atol=1e-5)
     np.testing.assert_allclose(logvar_img[:, 0], logvar_vid[:, 0], atol=1e-5)
 
@@ -112,8 +121,8 @@ def test_encoder_is_causal(vae):
     x = _video((1, 13, 16, 16, 3), seed=2)
     t = 6  # latent frame j covers input frames up to j*4, so latents 0 and 1 must not move
     y = x.at[:, t].set(-x[:, t])
-    mx, _ = vae.encode(x)
-    my, _ = vae.encode(y)
+    mx, _ = _encode(vae, x)
+    my, _ = _encode(vae, y)
     np.testing.assert_allclose(mx[:, :2], my[:, :2], atol=1e-5)
     assert float(jnp.max(jnp.abs(mx[:, 2:] - my[:, 2:]))) > 1e-3
 
@@ -121,8 +130,8 @@ def test_encoder_is_causal(vae):
 def test_decoder_is_causal(vae):
     z = _video((1, 4, 4, 4, 4), seed=3)
     j = 2  # latent frame 2 decodes to frames 5..8; frames 0..4 must not move
-    out = vae.decode(z)
-    out2 = vae.decode(z.at[:, j].add(1.0))
+    out = _decode(vae, z)
+    out2 = _decode(vae, z.at[:, j].add(1.0))
     first = decoded_frames(j, 4)
     np.testing.assert_allclose(out[:, :first], out2[:, :first], atol=1e-5)
     assert float(jnp.max(jnp.abs(out[:, first:] - out2[:, first:]))) > 1e-3
@@ -133,8 +142,8 @@ def test_per_frame_model_is_frame_causal():
     x = _video((1, 6, 16, 16, 3), seed=4)
     for t in (1, 3, 5):
         y = x.at[:, t].add(0.5)
-        a = model.decode(model.encode(x)[0])
-        b = model.decode(model.encode(y)[0])
+        a = _decode(model, _encode(model, x)[0])
+        b = _decode(model, _encode(model, y)[0])
         np.testing.assert_allclose(a[:, :t], b[:, :t], atol=1e-5)
         assert float(jnp.max(jnp.abs(a[:, t] - b[:, t]))) > 1e-3
 
@@ -142,8 +151,8 @@ def test_per_frame_model_is_frame_causal():
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_decode_matches_full(vae, chunk):
     z = _video((1, 5, 4, 4, 4), seed=5)
-    full = vae.decode(z, num_frames=16)
-    chunked = vae.decode_chunked(z, chunk, num_frames=16)
+    full = _decode(vae, z, num_frames=16)
+    chunked = _decode_chunked(vae, z, chunk, num_frames=16)
     assert chunked.shape == full.shape == (1, 16, 16, 16, 3)
     np.testing.assert_allclose(chunked, full, atol=1e-4)
 
@@ -151,8 +160,8 @@ def test_chunked_decode_matches_full(vae, chunk):
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_encode_matches_full(vae, chunk):
     x = _video((1, 13, 16, 16, 3), seed=6)
-    mean, logvar = vae.encode(x)
-    mean_c, logvar_c = vae.encode_chunked(x, chunk)
+    mean, logvar = _encode(vae, x)
+    mean_c, logvar_c = _encode_chunked(vae, x, chunk)
     np.testing.assert_allclose(mean_c, mean, atol=1e-4)
     np.testing.assert_allclose(logvar_c, logvar, atol=1e-4)
 

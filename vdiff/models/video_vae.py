@@ -106,9 +106,9 @@ class VideoVAE(nnx.Module):
             ``channels * channel_mult`` and the latent-rate trunk ``channels * latent_mult``.
         rngs: parameter RNGs.
         channel_mult: width multipliers per spatial level (the last one repeats).
-        latent_mult: width multiplier of the blocks at latent rate and resolution. These
-            see td x fewer frames and (s/2)^2 x fewer pixels than the first level, so
-            width there is cheap and is where most of the capacity goes.
+        latent_mult: width multiplier of the trunk at latent rate and resolution (it sees
+            td x fewer frames and (s/2)^2 x fewer pixels than the first level). On shapes a
+            4x trunk gained under 0.5 dB per step over 2x at 1.6x the step cost.
         num_blocks: residual blocks at latent rate in encoder and decoder.
     """
 
@@ -118,10 +118,10 @@ class VideoVAE(nnx.Module):
         spatial_down: int = 4,
         temporal_down: int = 4,
         latent_channels: int = 8,
-        channels: int = 32,
+        channels: int = 16,
         rngs: nnx.Rngs,
         channel_mult: Sequence[int] = (1, 2),
-        latent_mult: int = 4,
+        latent_mult: int = 2,
         num_blocks: int = 2,
     ):
         if spatial_down < 2 or spatial_down & (spatial_down - 1):
