@@ -72,7 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.qk_norm = True
     m.freeze_text = False
     m.scan_layers = True
-    m.attention = "auto"  # "auto", "xla", "cudnn", "splash"
+    m.attention = "auto"  # "auto" (ring on a context mesh, cudnn on GPU, else xla), "xla", "cudnn", "ring", "splash"
     m.cross_modal = (
         True  # False: no audio<->video attention (text tokens then attend to text only); ablation
     )

@@ -251,14 +251,15 @@ def write_clip(
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
 ) -> dict[str, Path]:
-    """Writes ``path``.mp4 (H.264 + AAC) and ``path``.png (a strip of every 2nd frame)."""
+    """Writes ``path``.mp4 (H.264 + AAC) and ``path``.png (a strip of up to 8 frames)."""
     from data_pipelines.mp4 import encode_mp4
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mp4 = path.with_suffix(".mp4")
+    # Append (not replace) suffixes: names like "oracle.heldout_003" contain dots.
+    mp4 = path.parent / f"{path.name}.mp4"
     mp4.write_bytes(encode_mp4(video, fps, audio=audio, sample_rate=sample_rate))
-    png = path.with_suffix(".png")
+    png = path.parent / f"{path.name}.png"
     strip = np.concatenate(list(video[:: max(1, len(video) // 8)]), axis=1)
     scale = max(1, 96 // video.shape[1])
     strip = strip.repeat(scale, 0).repeat(scale, 1)

@@ -8,7 +8,12 @@ Backends (``model.attention``):
   input dtype.
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash
   attention on NVIDIA GPUs; needs bfloat16/float16 inputs).
-- ``"auto"``: cudnn when on GPU with a dtype and head size it supports, else xla.
+- ``"ring"``: context parallelism (:mod:`vdiff.parallel.context`): the sequence stays
+  sharded over the mesh axis of logical ``tokens`` and key/value blocks travel
+  around a ring with an online softmax. Without such an axis (one device, or
+  ``context=1``) it computes the same thing with the local ``"xla"`` path.
+- ``"auto"``: ring when the active mesh splits ``tokens`` (``context > 1``); else
+  cudnn when on GPU with a dtype and head size it supports; else xla.
 - ``"splash"``: TPU splash attention, not implemented yet (raises).
 
 A query row whose keys are all masked (e.g. an empty caption in a text-only
@@ -22,7 +27,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "cudnn", "splash")
+from vdiff.parallel.context import context_axis, ring_attention
+
+BACKENDS = ("auto", "xla", "cudnn", "ring", "splash")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -36,6 +43,10 @@ def resolve_backend(backend: str, dtype, head_dim: int) -> str:
         and head_dim % 8 == 0
         and head_dim <= 128
     )
+    if backend in ("auto", "ring") and context_axis() is not None:
+        return "ring"
+    if backend == "ring":
+        return "xla"
     if backend == "auto":
         return "cudnn" if (on_gpu and cudnn_ok) else "xla"
     if backend == "cudnn":
@@ -99,7 +110,7 @@ def attention(
         v: values ``(B, Lk, heads, head_dim)``.
         mask: boolean, True where a query may attend to a key; ``(B, Lk)`` key
             padding or 4-D broadcastable to ``(B, heads, Lq, Lk)``. None = all.
-        backend: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"splash"``.
+        backend: one of :data:`BACKENDS` (see the module docstring).
         scale: logit scale; default ``head_dim ** -0.5``.
 
     Returns:
@@ -113,6 +124,8 @@ def attention(
     scale = head_dim**-0.5 if scale is None else scale
     impl = resolve_backend(backend, q.dtype, head_dim)
     mask = _as_4d_mask(mask, q, k)
+    if impl == "ring":  # handles masks, all-masked rows and padding itself
+        return ring_attention(q, k, v, mask, scale=scale)
     row_valid = None
     if mask is not None:
         row_valid = jnp.any(mask, axis=-1, keepdims=True)  # (B, H|1, Lq|1, 1)

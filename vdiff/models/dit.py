@@ -136,7 +136,8 @@ class StreamLayer(nnx.Module):
 
     def qkv(self, x, mods, angles):
         shift1, scale1 = mods[0], mods[1]
-        h = modulate(layer_norm(x), shift1, scale1)
+        # Pinned to the residual layout (see finish() for why).
+        h = constrain(modulate(layer_norm(x), shift1, scale1), ("batch", "tokens", "embed"))
         q, k, v = self.q(h), self.k(h), self.v(h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -147,10 +148,17 @@ class StreamLayer(nnx.Module):
 
     def finish(self, x, o, mods):
         gate1, shift2, scale2, gate2 = mods[2:]
-        x = x + gate1[:, None, :] * self.out(o)
-        x = constrain(x, ("batch", "tokens", "embed"))
-        x = x + gate2[:, None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
-        return constrain(x, ("batch", "tokens", "embed"))
+        names = ("batch", "tokens", "embed")
+        # The input and the output of every projection are pinned to the residual
+        # layout. Without that, the XLA SPMD partitioner (jax 0.10.2) miscompiles the
+        # adaLN-modulated / gated projections on data x fsdp x tensor meshes: it permutes
+        # batch shards into (fsdp, data) order and never back, in the forward pass and
+        # in the gradients (tests/test_xla_dot_permute.py has standalone repros).
+        x = x + gate1[:, None, :] * constrain(self.out(o), names)
+        x = constrain(x, names)
+        h = constrain(modulate(layer_norm(x), shift2, scale2), names)
+        x = x + gate2[:, None, :] * constrain(self.mlp(h), names)
+        return constrain(x, names)
 
 
 class JointBlock(nnx.Module):

@@ -1,0 +1,212 @@
+"""Context parallelism: attention with the sequence sharded over a mesh axis.
+
+:func:`ring_attention` shards queries, keys and values along the sequence over the
+mesh axis that the logical axis ``tokens`` maps to (``context`` in the default
+rules). Each device keeps its block of queries and passes its key/value block
+around the ring with ``jax.lax.ppermute``; after ``n`` steps every query block has
+seen every key block. Partial results are merged with the online softmax (running
+max, normaliser and weighted sum, all float32), so the result equals full
+attention up to float reordering.
+
+Why a ring rather than the all-to-all (sequence <-> heads) swap:
+
+- the all-to-all needs ``heads`` divisible by ``context x tensor`` (DiT-S has 6
+  heads: no context=4 there); the ring works for any head count and composes with
+  heads sharded on ``tensor``;
+- each device works on ``L / n`` keys and values at a time and, in training, keeps
+  the logits of one ``(L/n) x (L/n)`` block alive (each ring step is rematerialised
+  in the backward pass), which is what long video sequences need; the all-to-all
+  holds full-length K/V and ``L x L / n`` logits per device;
+- the transfer of the next block can overlap the current block's matmuls.
+  The price is ``n`` sequential steps of ``(L/n)^2`` work each; at small sizes the
+  all-to-all would have lower latency. Each block runs as plain einsums in float32
+  (no cuDNN flash kernel inside the ring yet).
+
+Only the mesh axis named by ``tokens`` is manual inside the ``jax.shard_map``
+(``axis_names``); batch and heads stay under automatic sharding, so whatever the
+rules say for ``batch`` and ``heads`` keeps working.
+
+Sequence lengths: the joint DiT sequence (video + audio + text tokens) need not
+divide the ring size. Queries and keys are padded at the end to a multiple of it;
+padded keys are masked out and padded query rows are cut off afterwards, so any
+length works (the padding costs at most ``n - 1`` rows of work).
+
+Masks: boolean, True = attend, ``(B, Lk)`` key padding or 4-D broadcastable to
+``(B, heads, Lq, Lk)``, as in :func:`vdiff.models.attention.attention`. Each
+device keeps the mask rows of its queries (all key columns) and slices the
+columns of the key block it holds at each step. A key block whose entries are all
+masked for some row contributes nothing; a row with no valid key at all returns
+zeros (no NaN forward or backward), matching the other attention backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from vdiff.parallel import sharding as shd
+
+TOKENS = "tokens"
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def context_axis() -> str | tuple[str, ...] | None:
+    """The mesh axis (or axes) of logical ``tokens`` when it splits the sequence.
+
+    Returns None without an active mesh and rules, or when ``tokens`` maps to no
+    mesh axis of size > 1 (then attention runs unsharded along the sequence).
+    """
+    mesh, rules = _active_mesh(), shd.current_rules()
+    if mesh is None or rules is None:
+        return None
+    target = shd.logical_to_mesh((TOKENS,), rules)[0]
+    if target is None:
+        return None
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a in mesh.shape)
+    if math.prod(mesh.shape[a] for a in axes) <= 1:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def context_size(axis: str | tuple[str, ...]) -> int:
+    mesh = _active_mesh()
+    axes = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _pad_to(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _full_mask(mask, b: int, lq: int, lk: int) -> jax.Array:
+    """Any accepted mask -> boolean ``(B, H|1, Lq|1, Lk)`` (None -> all True keys)."""
+    if mask is None:
+        return jnp.ones((b, 1, 1, lk), bool)
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    if mask.ndim != 4 or mask.shape[-1] != lk or mask.shape[-2] not in (1, lq):
+        raise ValueError(
+            f"attention mask {mask.shape} does not fit (B, heads, Lq={lq}, Lk={lk}) or (B, Lk)"
+        )
+    return jnp.broadcast_to(mask, (b, *mask.shape[1:]))
+
+
+def _merge_block(carry, qf, k, v, block_mask):
+    """Online-softmax update of ``(max, normaliser, weighted sum)`` with one K/V block."""
+    m, l_sum, acc = carry
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, k.astype(jnp.float32))
+    logits = jnp.where(block_mask, logits, -jnp.inf)
+    # The softmax is invariant to the shift, so the max carries no gradient; a row with
+    # nothing valid so far keeps shift 0 (exp(-inf - 0) = 0, no NaN).
+    new_m = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
+    safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    p = jnp.exp(logits - safe_m[..., None])
+    correction = jnp.exp(m - safe_m)
+    l_sum = l_sum * correction + jnp.sum(p, axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32))
+    return new_m, l_sum, acc
+
+
+# Recomputed in the backward pass: training keeps one block's logits alive at a time
+# (O((L/n)^2) per device) instead of all n blocks' (O(L^2/n)).
+_merge_block_remat = jax.checkpoint(_merge_block)
+
+
+def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
+    """Per-device ring loop: ``q (B, lq, H, D)``, ``k/v (B, lk, H, D)`` local blocks.
+
+    ``mask`` is ``(B, H|1, lq|1, n * lk)``: this device's query rows, all key columns.
+    """
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    me = jax.lax.axis_index(axis)
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    qf = q.astype(jnp.float32) * scale
+    carry = (
+        jnp.full((b, h, lq), -jnp.inf, jnp.float32),  # running max
+        jnp.zeros((b, h, lq), jnp.float32),  # running normaliser
+        jnp.zeros((b, h, lq, v.shape[-1]), jnp.float32),  # running weighted sum of values
+    )
+    for step in range(n):
+        src = (me - step) % n  # the device whose key/value block we hold now
+        block_mask = jax.lax.dynamic_slice_in_dim(mask, src * lk, lk, axis=3)
+        carry = _merge_block_remat(carry, qf, k, v, block_mask)
+        if step < n - 1:
+            k, v = (jax.lax.ppermute(t, axis, perm) for t in (k, v))
+    _, l_sum, acc = carry
+    valid = l_sum > 0
+    out = jnp.where(valid[..., None], acc / jnp.where(valid, l_sum, 1.0)[..., None], 0.0)
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
+
+
+def ring_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    axis: str | tuple[str, ...] | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention with the sequence sharded over ``axis`` (default: where ``tokens`` maps).
+
+    Must run under an active mesh (``jax.set_mesh``) that has ``axis``.
+
+    Args:
+        q: queries ``(B, Lq, heads, head_dim)``.
+        k: keys ``(B, Lk, heads, head_dim)``.
+        v: values ``(B, Lk, heads, head_dim)``.
+        mask: boolean, True = attend; ``(B, Lk)`` or broadcastable to ``(B, heads, Lq, Lk)``.
+        axis: mesh axis name(s) of the ring; default :func:`context_axis`.
+        scale: logit scale; default ``head_dim ** -0.5``.
+
+    Returns:
+        ``(B, Lq, heads, head_dim)`` in the dtype of ``v``; rows with no valid key are 0.
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention expects (B, L, heads, head_dim) q/k/v, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    axis = context_axis() if axis is None else axis
+    if axis is None:
+        raise ValueError(
+            "ring attention needs an active mesh whose `tokens` axis (mesh.rules) has size > 1"
+        )
+    n = context_size(axis)
+    b, lq, _, hd = q.shape
+    lk = k.shape[1]
+    scale = hd**-0.5 if scale is None else scale
+    mask = _full_mask(mask, b, lq, lk)
+    lq_pad, lk_pad = -(-lq // n) * n, -(-lk // n) * n
+    q, k, v = _pad_to(q, 1, lq_pad), _pad_to(k, 1, lk_pad), _pad_to(v, 1, lk_pad)
+    mask = _pad_to(mask, 3, lk_pad, False)
+    row_sharded = mask.shape[2] != 1
+    if row_sharded:
+        mask = _pad_to(mask, 2, lq_pad, False)
+    seq = P(None, axis, None, None)
+    mask_spec = P(None, None, axis, None) if row_sharded else P()
+
+    def body(q, k, v, mask):
+        return _ring_body(q, k, v, mask, axis=axis, n=n, scale=scale)
+
+    axes = {axis} if isinstance(axis, str) else set(axis)
+    out = jax.shard_map(body, in_specs=(seq, seq, seq, mask_spec), out_specs=seq, axis_names=axes)(
+        q, k, v, mask
+    )
+    return out[:, :lq]
