@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdiff.parallel.context import context_axis, ring_attention
+from vdiff.parallel.context import check_qkv, context_axis, ring_attention
 
 BACKENDS = ("auto", "xla", "cudnn", "ring", "splash")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -116,10 +116,7 @@ def attention(
     Returns:
         ``(B, Lq, heads, head_dim)`` in the dtype of ``v``; rows with no valid key are 0.
     """
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"attention expects (B, L, heads, head_dim) q/k/v, got {q.shape}, {k.shape}, {v.shape}"
-        )
+    check_qkv(q, k, v)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     impl = resolve_backend(backend, q.dtype, head_dim)

@@ -155,6 +155,14 @@ def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
     return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
 
 
+def check_qkv(q, k, v) -> None:
+    """Raises unless q/k/v are ``(B, L, heads, head_dim)`` with matching k/v (any Lq vs Lk)."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention expects (B, L, heads, head_dim) q/k/v, got {q.shape}, {k.shape}, {v.shape}"
+        )
+
+
 def ring_attention(
     q: jax.Array,
     k: jax.Array,
@@ -179,10 +187,7 @@ def ring_attention(
     Returns:
         ``(B, Lq, heads, head_dim)`` in the dtype of ``v``; rows with no valid key are 0.
     """
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"attention expects (B, L, heads, head_dim) q/k/v, got {q.shape}, {k.shape}, {v.shape}"
-        )
+    check_qkv(q, k, v)
     axis = context_axis() if axis is None else axis
     if axis is None:
         raise ValueError(
