@@ -4,27 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from _mp_worker import make_mlp
 
 from vdiff.config import load_config
 from vdiff.parallel.mesh import make_mesh
-from vdiff.parallel.sharding import constrain
 from vdiff.train.engine import Engine, NonFiniteError, OptimConfig
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        init = nnx.initializers.lecun_normal()
-        self.a = nnx.Linear(
-            16, 64, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs
-        )
-        self.b = nnx.Linear(
-            64, 16, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs
-        )
-
-    def __call__(self, x):
-        h = constrain(jax.nn.gelu(self.a(x)), ("batch", "mlp"))
-        return self.b(h)
 
 
 def mse(model, batch, rng):
@@ -44,7 +28,7 @@ def _engine(mesh_shape, loss=mse, **kw):
     n = int(np.prod(list(mesh_shape.values())))
     mesh = make_mesh(cfg, jax.devices()[:n])
     return Engine(
-        MLP,
+        make_mlp,
         loss,
         mesh,
         cfg.mesh.rules,
