@@ -183,11 +183,9 @@ def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
     from data_pipelines.video_io import decode_audio
 
     src = open_split(data.root / "records" / split_name)
-    split = data.split(split_name)
-    keys = {decode_record(src[i])["key"]: i for i in range(len(src))}
     waves = []
-    for key in split.keys[:k]:
-        rec = decode_record(src[keys[key]])
+    for index in data.split(split_name).indices[:k]:
+        rec = decode_record(src[int(index)])
         waves.append(decode_audio(rec["video"], 0.0, rec["num_frames"] / rec["fps"], 16000))
     return waves
 

@@ -37,6 +37,7 @@ class Split:
     captions: list[str]
     meta: list[dict]
     keys: list[str]
+    indices: np.ndarray  # int64 (N,): each clip's record index in its split's shards
 
     def __len__(self) -> int:
         return len(self.video)
@@ -194,4 +195,5 @@ def _decoded_split(
         captions=[r["caption"] for r in recs],
         meta=[json.loads(r["meta"]) if r.get("meta") else {} for r in recs],
         keys=[r["key"] for r in recs],
+        indices=arrays["index"],
     )

@@ -38,7 +38,11 @@ def _video_float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) / 127.5 - 1.0
 
 
-def _stage_engine(config, mesh, make_model, loss_fn, lr, steps, ema_decay=0.0) -> Engine:
+def _stage_engine(
+    config, mesh, make_model, loss_fn, lr, steps, *, warmup=None, weight_decay=0.0, ema_decay=0.0
+) -> Engine:
+    """An Engine with the shared train.* settings; ``warmup`` defaults to a tenth of the
+    stage's steps at most (the short autoencoder stages)."""
     t = config.train
     return Engine(
         make_model,
@@ -47,9 +51,10 @@ def _stage_engine(config, mesh, make_model, loss_fn, lr, steps, ema_decay=0.0) -
         config.mesh.rules,
         OptimConfig(
             lr=lr,
-            warmup=min(t.warmup, max(1, steps // 10)),
+            warmup=min(t.warmup, max(1, steps // 10)) if warmup is None else warmup,
             steps=steps,
             b2=t.b2,
+            weight_decay=weight_decay,
             grad_clip=t.grad_clip,
         ),
         ema_decay=ema_decay,
@@ -239,23 +244,16 @@ def dit_engine(config: ml_collections.ConfigDict, mesh) -> Engine:
         return flow_loss(model, batch, rng, config)
 
     t = config.train
-    return Engine(
+    return _stage_engine(
+        config,
+        mesh,
         lambda rngs: DiT.from_config(config, rngs),
         loss_fn,
-        mesh,
-        config.mesh.rules,
-        OptimConfig(
-            lr=t.lr,
-            warmup=t.warmup,
-            steps=t.steps,
-            b2=t.b2,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-        ),
+        t.lr,
+        t.steps,
+        warmup=t.warmup,
+        weight_decay=t.weight_decay,
         ema_decay=t.ema_decay,
-        microbatches=t.microbatches,
-        compute_dtype=t.compute_dtype,
-        max_nonfinite=t.max_nonfinite,
     )
 
 
