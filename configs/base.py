@@ -32,6 +32,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.num_workers = 0  # grain worker processes (0 = in-process)
     d.prefetch = 2
     d.shuffle_seed = 0
+    # What the transformer stage trains from: "latents" reads the latent cache written once
+    # (WORKDIR/latents, ArrayRecord shards; the fast default when the autoencoders are
+    # fixed); "clips" encodes each batch of decoded clips with the frozen autoencoders
+    # inside the train step (no per-clip cache, one encoder pass per step), same stats.
+    d.dit_input = "latents"
 
     # --- video VAE (3D causal conv).
     c.vae = v = ml_collections.ConfigDict()
@@ -88,6 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     f.audio_loss_weight = 1.0
     f.p_clean_audio = 0.1  # audio -> video batches
     f.p_clean_video = 0.1  # video -> audio batches
+    f.p_no_cross_modal = 0.1  # examples trained with audio<->video attention masked (ablation)
 
     # --- training (transformer stage; the AE stages have their own steps/lr above).
     c.train = t = ml_collections.ConfigDict()

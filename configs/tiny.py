@@ -1,13 +1,34 @@
 """Tiny CPU recipe on the built-in "shapes" data: the main job (`vdiff train`).
 
-32x32 pixels x 16 frames at 8 fps -> video VAE (4x4 spatial, 4x temporal, 8 latent
-channels) -> 5x8x8 latents (latent frame 0 is frame 0 alone) -> 1x2x2 patches = 80 video
-tokens, plus 50 audio latent tokens (25/s over the 2 s clip) and 32 caption tokens.
-Transformer: width 128, depth 4, 4 heads: 4.19M parameters with the text encoder (video,
-audio and text streams each have their own block weights); video VAE 0.09M.
+32x32 pixels x 16 frames at 8 fps -> video VAE (2x2 spatial, 4x temporal, 4 latent
+channels) -> 5x16x16x4 latents (latent frame 0 is frame 0 alone) -> 1x4x4 patches = 80
+video tokens, plus 25 audio tokens (2 audio latents of 40 ms each per token over the 2 s
+clip); the 32 caption tokens enter through cross-attention.
+
+Why 2x spatial with 4 channels rather than 4x with 8-16: the objects are 5-9 pixels
+wide, and a 4x VAE blurs their outline. Measured on shapes val clips after 2000 VAE
+steps (64 clips, the oracle run on the reconstructions): 4x/8ch 26.3 dB, shape
+accuracy 0.46; 4x/16ch 27.3 dB, 0.53; 2x/4ch 28.9 dB, 0.84 (ground truth 1.0). The
+latent has as many numbers per frame as 4x/16ch and the transformer sees the same 80
+video tokens through 4x4 patches.
+
+Why the timestep distribution sits at high noise (``t_mean`` 0.5, shift 3, the same
+shift in the sampler): the caption decides a clip only near pure noise, where the
+picture itself says little; at the default logit-normal(0, 1) the transformer barely
+used the caption after 600-1500 updates (val flow loss at t=0.95 with true vs
+shuffled captions: 0.53 vs 0.54), with this one it does (0.35 vs 0.72 after 600).
+
+Why cross-attention for the text here (the base config keeps joint MMDiT attention):
+with joint attention the caption's tokens compete with 130 clip tokens in every softmax
+and their features are rebuilt by every block; on this budget the transformer then
+learned the background colour but hardly the objects. Measured after 1500 updates,
+32 val prompts, cfg 4 (this recipe otherwise; the cross run also had 2 audio latents
+per token): joint text colour 0.22, background 0.59; cross text colour 0.80,
+background 1.0, and val flow loss at t=0.5 with true vs shuffled captions 0.33 vs 0.35
+(joint) against 0.31 vs 1.31 (cross). It is also ~15% faster per step (fewer tokens).
 
 Sized for a 2-core CPU: step counts are set so the whole job (data, both autoencoders,
-transformer, report) takes about 20 minutes there; see docs/architecture.md for the
+transformer, report) fits in 20 minutes there; see docs/architecture.md for the
 measured stage times and scores.
 
 ``tiny:smoke`` is a seconds-per-stage variant that the tests run end to end.
@@ -20,6 +41,15 @@ from vdiff.errors import UserError
 def get_config(arg=None):
     c = get_base_config()
     c.vae.steps = 2000
+    c.vae.spatial_down = 2
+    c.vae.latent_channels = 4
+    c.model.patch = (1, 4, 4)
+    c.diffusion.t_mean = 0.5
+    c.diffusion.shift = 3.0
+    c.sample.shift = 3.0
+    c.train.lr = 3e-3
+    c.model.text_attention = "cross"
+    c.model.audio_patch = 2
     c.audio_ae.steps = 600
     c.train.batch_size = 16
     c.train.steps = 1500

@@ -31,6 +31,8 @@ def small_cfg(**model):
     m.width, m.depth, m.heads, m.mlp_ratio = 32, 2, 2, 2.0
     m.text_width, m.text_depth, m.text_heads = 32, 1, 2
     m.attention = "xla"
+    # The model's own defaults, not the tiny recipe's choices (cross text, 2-latent audio tokens).
+    m.patch, m.audio_patch, m.text_attention = (1, 2, 2), 1, "joint"
     cfg.vae.latent_channels = cfg.audio_ae.latent_channels = 4
     cfg.data.vocab_size = 64
     for k, v in model.items():
@@ -262,3 +264,13 @@ def test_flops_match_compiled_forward_and_param_count():
     n0 = param_count(DiT.from_config(cfg, rngs(0)))
     n1 = param_count(DiT.from_config(bigger, rngs(0)))
     assert n1 - n0 == 10 * cfg.model.text_width
+
+
+def test_per_example_cross_modal_flag_matches_the_global_flag():
+    model = build()
+    x = inputs()
+    on, off = call(model, x, cross_modal=True), call(model, x, cross_modal=False)
+    mixed = call(model, dict(x, cross_modal=jnp.array([True, False])))
+    for stream in (0, 1):  # video, audio
+        np.testing.assert_allclose(mixed[stream][0], on[stream][0], atol=1e-5)
+        np.testing.assert_allclose(mixed[stream][1], off[stream][1], atol=1e-5)

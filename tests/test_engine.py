@@ -120,3 +120,25 @@ def test_consecutive_nonfinite_steps_abort(devices):
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         for _ in range(10):
             state, _ = engine.step(state, bad)
+
+
+def test_ema_warms_up_then_reaches_its_decay(devices):
+    from vdiff.train.engine import ema_decay_at
+
+    # Early steps average recent weights only, so the random init fades out fast.
+    assert float(ema_decay_at(0.999, jnp.asarray(0))) == pytest.approx(0.1)
+    assert float(ema_decay_at(0.999, jnp.asarray(90))) == pytest.approx(0.91)
+    assert float(ema_decay_at(0.999, jnp.asarray(100_000))) == pytest.approx(0.999)
+    # After one step from init the EMA equals 0.1 * init + 0.9 * new params.
+    engine = _engine(dict(data=1))
+    state0 = engine.init(0)
+    init = jax.tree.map(np.asarray, state0["params"])  # the step donates state0
+    state1, _ = engine.step(state0, _batch())
+    for e, p0, p1 in zip(
+        jax.tree.leaves(state1["ema"]),
+        jax.tree.leaves(init),
+        jax.tree.leaves(state1["params"]),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(e), 0.1 * np.asarray(p0) + 0.9 * np.asarray(p1), atol=1e-6
+        )

@@ -27,10 +27,19 @@ class Recorder:
     def __init__(self, x0_v, x0_a):
         self.x0_v, self.x0_a, self.calls = x0_v, x0_a, []
 
-    def __call__(self, xv, tv, tokens, mask, audio=None, t_audio=None, audio_mask=None):
+    def __call__(
+        self, xv, tv, tokens, mask, audio=None, t_audio=None, audio_mask=None, cross_modal=None
+    ):
         self.calls.append(
             dict(
-                xv=xv, tv=tv, tokens=tokens, mask=mask, xa=audio, ta=t_audio, audio_mask=audio_mask
+                xv=xv,
+                tv=tv,
+                tokens=tokens,
+                mask=mask,
+                xa=audio,
+                ta=t_audio,
+                audio_mask=audio_mask,
+                cross_modal=cross_modal,
             )
         )
 
@@ -206,3 +215,14 @@ def test_single_batch_overfits():
             assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_cross_modal_dropout_draws_per_example():
+    b = batch(n=512)
+    rec = Recorder(b["video_latents"], b["audio_latents"])
+    flow_loss(rec, b, jax.random.key(5), diffusion_cfg(p_no_cross_modal=0.3))
+    joint = np.asarray(rec.calls[-1]["cross_modal"])
+    assert joint.shape == (512,) and joint.dtype == bool
+    assert 0.22 < 1.0 - joint.mean() < 0.38  # ~30% of the examples masked
+    flow_loss(rec, b, jax.random.key(5), diffusion_cfg(p_no_cross_modal=0.0))
+    assert rec.calls[-1]["cross_modal"] is None  # off: the model's own flag applies

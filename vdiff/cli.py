@@ -67,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sample",
-        help="generate clips from a trained workdir",
+        help="generate clips from a trained workdir or an export bundle",
         description="Generates an mp4 (and a PNG strip) for each prompt with the trained "
-        "transformer in WORKDIR (EMA weights by default).",
+        "transformer in WORKDIR (EMA weights by default), or with an export bundle "
+        "(--bundle, written by 'vdiff export'; needs no workdir and no model code).",
     )
-    p.add_argument("--workdir", required=True, help="a workdir written by 'vdiff train'")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a workdir written by 'vdiff train'")
+    src.add_argument(
+        "--bundle", help="a bundle folder written by 'vdiff export' (training clip size only)"
+    )
     p.add_argument(
         "--prompt", action="append", required=True, help="text prompt (repeat for several)"
     )
@@ -95,22 +100,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="sweep checkpoints x guidance x steps x seeds x prompts into a results table and report",
-        description="Evaluation sweeps over a workdir's checkpoints.",
+        description="Generates a clip per cell of checkpoints x cfg x steps x seeds x prompts "
+        "(the same starting noise for a (prompt, seed) in every cell), scores it, and writes "
+        "WORKDIR/eval/NAME/: results.jsonl + results.csv (one row per cell and metric), "
+        "plots/*.png and index.html with the clips. Rerunning resumes: done cells are skipped.",
+        epilog="SPEC keys: checkpoints (all | follow | steps), cfg, steps, seeds, prompts (N first "
+        "val prompts, or strings), sampler (euler | heun), name. Written as inline JSON, a .json "
+        "file, or 'checkpoints=all;cfg=1,4;steps=10,25;seeds=0,1;prompts=8;name=cfg_sweep'. "
+        "Defaults: the workdir config's sample.* values, checkpoints=all, name=sweep.",
     )
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="a workdir written by 'vdiff train'")
+    p.add_argument("--sweep", default="", metavar="SPEC", help="what to sweep (see below)")
     p.add_argument(
-        "--sweep", default="", help="sweep spec, e.g. 'ckpt=all;cfg=1,4;steps=10,25;seeds=0,1'"
+        "--follow-timeout",
+        type=float,
+        default=3600.0,
+        help="checkpoints=follow: stop waiting for new checkpoints after this many seconds",
+    )
+    p.add_argument(
+        "--poll-seconds", type=float, default=30.0, help="checkpoints=follow: polling interval"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="clips per sampler call")
+    p.add_argument(
+        "--i3d", default=None, metavar="PATH", help="I3D weights for FVD (not supported yet)"
     )
 
     p = sub.add_parser(
         "export",
         help="write a serving bundle (params, config, tokenizer, serialized functions)",
-        description="Exports a trained workdir to a bundle that loads without vdiff's model code.",
+        description="Exports a trained workdir to a bundle folder that loads without vdiff's "
+        "model code: params.safetensors (+ an Orbax copy in params/), statistics, config, "
+        "tokenizer, jax.export functions (text encoder, one sampler step with a symbolic "
+        "batch, decoders) for cpu and cuda, and bundle.json with every file's sha256. "
+        "Sample from it with 'vdiff sample --bundle OUT'.",
     )
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--workdir", required=True, help="a workdir written by 'vdiff train'")
+    p.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="stored parameters and transformer compute dtype (default float32)",
+    )
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the EMA weights (default) or the raw ones (--no-ema)",
+    )
 
     p = sub.add_parser("data", help="prepare data: synth, ingest, tokenizer, latents")
     dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -162,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "latents",
         help="encode the dataset once with a workdir's trained autoencoders",
         description="Encodes every split with the workdir's trained video VAE / audio AE into "
-        "WORKDIR/latents (latent means as .npy plus per-channel statistics), the cache the "
-        "transformer stage trains from.",
+        "WORKDIR/latents: ArrayRecord shards <split>-NNNNN-of-MMMMM.array_record (latent "
+        "means, caption tokens and text per clip), stats.json (per-channel statistics) and "
+        "latents.json; the cache the transformer stage trains from. A cache made from the "
+        "same autoencoder checkpoints is reused as it is.",
     )
     _add_config_args(q)
     q.add_argument("--workdir", required=True, help="workdir with trained autoencoders")

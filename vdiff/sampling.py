@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+# Shared with export bundles (vdiff.serving), which draw the same noise.
+from vdiff.diffusion.schedule import noise_key as noise_key
 from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,54 +56,32 @@ class Generator:
         )
 
     @classmethod
-    def from_workdir(cls, workdir: Path, *, use_ema: bool = True) -> Generator:
-        """Restores every stage's newest checkpoint from a workdir written by ``vdiff train``."""
+    def from_workdir(
+        cls, workdir: Path, *, use_ema: bool = True, dit_step: int | None = None
+    ) -> Generator:
+        """Restores every stage from a workdir written by ``vdiff train``.
+
+        Each stage's newest readable checkpoint is used, except the transformer's when
+        ``dit_step`` names one (see :func:`restore_dit`).
+        """
         from data_pipelines.tokenizer import Tokenizer
         from vdiff.parallel.mesh import make_mesh
         from vdiff.train import stages
-        from vdiff.train.checkpoint import Checkpointer
         from vdiff.train.data import data_root
 
         workdir = Path(workdir)
-        cfg_path = workdir / "config.json"
-        if not cfg_path.exists():
-            raise UserError(
-                f"{workdir} has no config.json; pass a workdir written by 'vdiff train'"
-            )
-        config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-        _tuplify(config)
-        for axis in config.mesh.shape:
-            config.mesh.shape[axis] = -1 if axis == "data" else 1
-        config.train.batch_size = config.vae.batch_size = config.audio_ae.batch_size = (
-            jax.device_count()
-        )
+        config = workdir_config(workdir)
         mesh = make_mesh(config)
-
-        def restore(name, engine):
-            ckpt = Checkpointer(workdir / "checkpoints" / name)
-            out = ckpt.restore(engine.abstract_state, engine.state_shardings)
-            ckpt.close()
-            if out is None:
-                raise UserError(
-                    f"{workdir}/checkpoints/{name} has no checkpoint; train that stage first"
-                )
-            return out[1]
-
         vae_engine = stages.video_vae_engine(config, mesh)
-        dit_engine = stages.dit_engine(config, mesh)
-        vae = vae_engine.model(restore("vae", vae_engine))
-        dit = dit_engine.model(restore("dit", dit_engine), ema=use_ema)
+        vae = vae_engine.model(_restore(workdir, "vae", vae_engine))
+        dit = restore_dit(workdir, config, mesh, step=dit_step, use_ema=use_ema)
         audio = None
-        stats_meta = json.loads((workdir / "latents" / "latents.json").read_text())
-        if "audio" in stats_meta["stats"]:
+        from data_pipelines.latents import load_stats
+
+        latent_stats = load_stats(workdir / "latents")
+        if "audio" in latent_stats:
             a_engine = stages.audio_ae_engine(config, mesh)
-            audio = a_engine.model(restore("audio_ae", a_engine))
-        latent_stats = {
-            mod: {
-                k: np.load(workdir / "latents" / f"stats_{mod}_{k}.npy") for k in ("shift", "scale")
-            }
-            for mod in stats_meta["stats"]
-        }
+            audio = a_engine.model(_restore(workdir, "audio_ae", a_engine))
         data_stats = json.loads((workdir / "data_stats.json").read_text())
         tokenizer = Tokenizer(data_root(config, workdir) / "tokenizer.model")
         return cls(config, vae, dit, tokenizer, latent_stats, audio, data_stats["mel"])
@@ -120,11 +100,16 @@ class Generator:
         seed: int = 0,
         batch_size: int = 16,
         audio: bool = True,
+        cross_modal: bool | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Prompts -> {"video": uint8 (N,T,H,W,3), "audio": float32 (N, S) or absent}.
 
-        The starting noise of prompt i depends only on (seed, i), so the same prompt
-        and seed give the same clip whatever the batch it is generated in.
+        The starting noise of prompt i depends only on (seed, i) through
+        :func:`noise_key` (``prompt_ids[i]`` instead of ``i`` when given), so the same prompt
+        and seed give the same clip whatever the batch it is generated in (up to
+        float rounding of the batched matmuls). ``cross_modal=False`` generates video
+        and audio with their mutual attention masked (the sync ablation).
         """
 
         c, s = self.config, self.config.sample
@@ -156,7 +141,8 @@ class Generator:
         videos, waves = [], []
         for i in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - i)
-            rngs = [jax.random.fold_in(jax.random.PRNGKey(seed), i + j) for j in range(n)]
+            ids = range(i, i + n) if prompt_ids is None else prompt_ids[i : i + n]
+            rngs = [noise_key(seed, int(k)) for k in ids]
             out = self._sample_batch(
                 tokens[i : i + n],
                 mask[i : i + n],
@@ -166,6 +152,7 @@ class Generator:
                 cfg,
                 steps,
                 sampler,
+                cross_modal,
             )
             videos.append(out["video"])
             if with_audio:
@@ -175,32 +162,31 @@ class Generator:
             result["audio"] = np.concatenate(waves)
         return result
 
-    def _sample_batch(self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler):
-        from vdiff.diffusion.samplers import sample
+    def _sample_batch(
+        self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal
+    ):
+        from vdiff.diffusion.samplers import per_example_noise, sample
 
         n = len(rngs)
-        # One sampler call per example keeps each example's noise a function of its own key.
-        lat_v, lat_a = [], []
-        for j in range(n):
-            out = sample(
-                self.dit,
-                jnp.asarray(tokens[j : j + 1]),
-                jnp.asarray(mask[j : j + 1]),
-                {
-                    "video": (1, *video_shape),
-                    "audio": None if audio_shape is None else (1, *audio_shape),
-                },
-                rngs[j],
-                steps=steps,
-                cfg=None if cfg == 1.0 else cfg,
-                audio_cfg=self.config.sample.audio_cfg if cfg != 1.0 else None,
-                sampler=sampler,
-                shift=self.config.sample.shift,
-            )
-            lat_v.append(out["video"])
-            if audio_shape is not None:
-                lat_a.append(out["audio"])
-        return self.decode(jnp.concatenate(lat_v), jnp.concatenate(lat_a) if lat_a else None)
+        # Each example's noise comes from its own key; then one batched sampler call.
+        out = sample(
+            self.dit,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            {
+                "video": (n, *video_shape),
+                "audio": None if audio_shape is None else (n, *audio_shape),
+            },
+            None,
+            steps=steps,
+            cfg=None if cfg == 1.0 else cfg,
+            audio_cfg=self.config.sample.audio_cfg if cfg != 1.0 else None,
+            sampler=sampler,
+            shift=self.config.sample.shift,
+            noise=per_example_noise(rngs, video_shape, audio_shape),
+            cross_modal=cross_modal,
+        )
+        return self.decode(out["video"], out["audio"] if audio_shape is not None else None)
 
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
@@ -223,6 +209,79 @@ class Generator:
             ).astype(np.float32)
             out["mel"] = mel
         return out
+
+
+def workdir_config(workdir: Path) -> ml_collections.ConfigDict:
+    """A workdir's training config, set up for sampling: a data-parallel mesh over every
+    device (parameters replicated) and batch sizes of one example per device."""
+    cfg_path = Path(workdir) / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{workdir} has no config.json; pass a workdir written by 'vdiff train'")
+    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    _tuplify(config)
+    for axis in config.mesh.shape:
+        config.mesh.shape[axis] = -1 if axis == "data" else 1
+    config.train.batch_size = config.vae.batch_size = config.audio_ae.batch_size = (
+        jax.device_count()
+    )
+    return config
+
+
+def _restore(workdir: Path, name: str, engine, step: int | None = None):
+    from vdiff.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(Path(workdir) / "checkpoints" / name)
+    try:
+        out = ckpt.restore(engine.abstract_state, engine.state_shardings, step=step)
+    finally:
+        ckpt.close()
+    if out is None:
+        raise UserError(f"{workdir}/checkpoints/{name} has no checkpoint; train that stage first")
+    return out[1]
+
+
+def restore_dit(
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    mesh=None,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    engine=None,
+) -> nnx.Module:
+    """The transformer of checkpoint ``step`` of a workdir (default: the newest readable).
+
+    Args:
+        workdir: a workdir written by ``vdiff train``.
+        config: :func:`workdir_config` of that workdir.
+        mesh: mesh to restore onto (default: ``make_mesh(config)``).
+        step: the checkpoint step; an explicit step that is missing or unreadable raises.
+        use_ema: EMA weights (default) or the raw ones.
+        engine: a ``stages.dit_engine`` to reuse (building one traces the model).
+    """
+    if engine is None:
+        from vdiff.parallel.mesh import make_mesh
+        from vdiff.train import stages
+
+        engine = stages.dit_engine(config, mesh if mesh is not None else make_mesh(config))
+    if step is not None and not (Path(workdir) / "checkpoints" / "dit" / str(step)).is_dir():
+        raise UserError(
+            f"{workdir}/checkpoints/dit has no step {step}; pick one of "
+            f"{dit_checkpoint_steps(workdir) or 'none (train the transformer first)'}"
+        )
+    return engine.model(_restore(workdir, "dit", engine, step), ema=use_ema)
+
+
+def dit_checkpoint_steps(workdir: Path) -> list[int]:
+    """Completed transformer checkpoint steps of a workdir, ascending.
+
+    Orbax writes a step under a temporary name and renames it when complete, so a
+    folder named by a bare number is a finished save.
+    """
+    root = Path(workdir) / "checkpoints" / "dit"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 @nnx.jit
@@ -281,15 +340,24 @@ def sample_cli(args) -> list[Path]:
         sampler=args.sampler,
         seed=args.seed,
     )
+    return write_prompt_clips(
+        Path(args.out), args.prompt, out, gen.config.data.fps, gen.config.data.sample_rate
+    )
+
+
+def write_prompt_clips(
+    out_dir: Path, prompts: list[str], result: dict, fps: float, sample_rate: int
+) -> list[Path]:
+    """Writes clip i of ``result`` (``generate`` output) as ``out_dir/III_<prompt slug>``.mp4/.png."""
     paths = []
-    for i, prompt in enumerate(args.prompt):
+    for i, prompt in enumerate(prompts):
         slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:40].strip("_")
         files = write_clip(
-            Path(args.out) / f"{i:03d}_{slug}",
-            out["video"][i],
-            gen.config.data.fps,
-            out["audio"][i] if "audio" in out else None,
-            gen.config.data.sample_rate,
+            Path(out_dir) / f"{i:03d}_{slug}",
+            result["video"][i],
+            fps,
+            result["audio"][i] if "audio" in result else None,
+            sample_rate,
         )
         paths.append(files["mp4"])
     return paths

@@ -16,14 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vdiff.diffusion.schedule import shift_t as shift_t  # shared with the sampler and serving
 from vdiff.models.text_encoder import PAD_ID
-
-
-def shift_t(t: jax.Array, shift: float) -> jax.Array:
-    """Timestep shift ``shift t / (1 + (shift - 1) t)`` (identity at shift 1; keeps 0 and 1)."""
-    if shift <= 0:
-        raise ValueError(f"timestep shift must be > 0, got {shift}")
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def sample_t(
@@ -80,6 +74,10 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     without audio (``has_audio`` False) get no audio loss and their audio tokens are
     hidden from attention. Each modality's loss is a mean over the examples that
     contribute to it; the total is ``loss_video + audio_loss_weight * loss_audio``.
+    With ``p_no_cross_modal > 0`` that fraction of examples is denoised with
+    audio<->video attention masked, so that the model also knows how to generate each
+    modality alone from the text: the masked-attention ablation of the sync score
+    (``oracle.nocross.*`` in the report) then measures what the joint attention adds.
 
     Args:
         model: a :class:`vdiff.models.dit.DiT` (or anything with its call signature
@@ -103,7 +101,7 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
         raise ValueError(
             "batch has audio_latents but the model has no audio stream; set data.audio consistently"
         )
-    k_t, k_ev, k_ea, k_drop, k_clean = jax.random.split(rng, 5)
+    k_t, k_ev, k_ea, k_drop, k_clean, k_cross = jax.random.split(rng, 6)
 
     tokens, mask = batch["tokens"], batch["mask"].astype(bool)
     drop = jax.random.uniform(k_drop, (b,)) < d.caption_dropout
@@ -129,6 +127,9 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     if x0_a is not None:
         eps_a = jax.random.normal(k_ea, x0_a.shape, jnp.float32).astype(x0_a.dtype)
         kwargs = dict(audio=interpolate(x0_a, eps_a, t_a), t_audio=t_a, audio_mask=has_audio)
+        p_sep = d.get("p_no_cross_modal", 0.0)
+        if p_sep > 0:  # per-example: video and audio denoised without seeing each other
+            kwargs["cross_modal"] = jax.random.uniform(k_cross, (b,)) >= p_sep
     pred_v, pred_a = model(xt_v, t_v, tokens, mask, **kwargs)
 
     w_v = (~clean_video).astype(jnp.float32)

@@ -19,22 +19,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from vdiff.diffusion.flow import empty_captions, shift_t
+from vdiff.diffusion.flow import empty_captions
+
+# The schedule and the noise live in a model-free module that export bundles share;
+# they stay importable from here.
+from vdiff.diffusion.schedule import initial_noise as initial_noise
+from vdiff.diffusion.schedule import per_example_noise as per_example_noise
+from vdiff.diffusion.schedule import time_grid as time_grid
 
 SAMPLERS = ("euler", "heun")
 
 
-def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
-    """``steps + 1`` times from 1 down to 0, shifted like training (``shift > 1``: more at high noise)."""
-    if steps < 1:
-        raise ValueError(f"sampling needs steps >= 1, got {steps}")
-    return np.asarray(shift_t(np.linspace(1.0, 0.0, steps + 1), shift), np.float32)
-
-
-def _velocity_fn(model, text, clean_video, clean_audio, scales, guided):
+def _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_modal):
     """Returns ``v(xv, xa, t) -> (vv, va)`` for scalar t, with guidance and clean modalities."""
 
     def velocity(xv, xa, t):
@@ -49,6 +47,8 @@ def _velocity_fn(model, text, clean_video, clean_audio, scales, guided):
             double = lambda x: None if x is None else jnp.concatenate([x, x], axis=0)  # noqa: E731
             xv, xa, tv, ta = double(xv), double(xa), double(tv), double(ta)
         audio_kw = {} if xa is None else dict(audio=xa, t_audio=ta)
+        if cross_modal is not None:
+            audio_kw["cross_modal"] = cross_modal
         vv, va = model(xv, tv, None, None, text=text, **audio_kw)
         if guided:
             vv = vv[b:] + scales[0] * (vv[:b] - vv[b:])
@@ -59,7 +59,7 @@ def _velocity_fn(model, text, clean_video, clean_audio, scales, guided):
     return velocity
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guided"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guided", "cross_modal"))
 def _sample_jit(
     graphdef,
     state,
@@ -74,6 +74,7 @@ def _sample_jit(
     *,
     sampler,
     guided,
+    cross_modal,
 ):
     model = nnx.merge(graphdef, state)
     if guided:
@@ -81,32 +82,64 @@ def _sample_jit(
         tokens = jnp.concatenate([tokens, empty_tok], axis=0)
         mask = jnp.concatenate([mask, empty_mask], axis=0)
     text = model.encode_text(tokens, mask)
-    velocity = _velocity_fn(model, text, clean_video, clean_audio, scales, guided)
+    velocity = _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_modal)
     sample_video, sample_audio = clean_video is None, xa is not None and clean_audio is None
+
+    def step(i, carry):
+        return _step(velocity, *carry, grid[i], grid[i + 1], sampler, sample_video, sample_audio)
+
+    return jax.lax.fori_loop(0, grid.shape[0] - 1, step, (xv, xa))
+
+
+def _step(velocity, xv, xa, t, t_next, sampler, sample_video, sample_audio):
+    """One Euler or Heun step of ``velocity`` from ``t`` to ``t_next``."""
 
     def update(x, v, dt, on):
         return x + dt * v if (on and x is not None) else x
 
-    def step(i, carry):
-        xv, xa = carry
-        t, t_next = grid[i], grid[i + 1]
-        dt = t_next - t
-        vv, va = velocity(xv, xa, t)
-        ev, ea = update(xv, vv, dt, sample_video), update(xa, va, dt, sample_audio)
-        if sampler == "euler":
-            return ev, ea
+    dt = t_next - t
+    vv, va = velocity(xv, xa, t)
+    ev, ea = update(xv, vv, dt, sample_video), update(xa, va, dt, sample_audio)
+    if sampler == "euler":
+        return ev, ea
 
-        def heun(_):
-            vv2, va2 = velocity(ev, ea, t_next)
-            avg = lambda a, b: None if a is None else (a + b) / 2  # noqa: E731
-            return update(xv, avg(vv, vv2), dt, sample_video), update(
-                xa, avg(va, va2), dt, sample_audio
-            )
+    def heun(_):
+        vv2, va2 = velocity(ev, ea, t_next)
+        avg = lambda a, b: None if a is None else (a + b) / 2  # noqa: E731
+        return update(xv, avg(vv, vv2), dt, sample_video), update(
+            xa, avg(va, va2), dt, sample_audio
+        )
 
-        # The last step ends at t = 0 where a second evaluation adds nothing: plain Euler.
-        return jax.lax.cond(t_next > 0, heun, lambda _: (ev, ea), None)
+    # The last step ends at t = 0 where a second evaluation adds nothing: plain Euler.
+    return jax.lax.cond(t_next > 0, heun, lambda _: (ev, ea), None)
 
-    return jax.lax.fori_loop(0, grid.shape[0] - 1, step, (xv, xa))
+
+def denoise_step(model, text, xv, xa, t, t_next, scales, *, sampler, guided, cross_modal=None):
+    """One sampler step from ``t`` to ``t_next`` with precomputed text features.
+
+    The body of :func:`sample`'s loop (no clean modality); export bundles serialize it
+    so that a server repeats this sampler step for step.
+
+    Args:
+        model: a :class:`vdiff.models.dit.DiT`.
+        text: ``model.encode_text`` of the captions, followed by the empty captions
+            (twice the batch) when ``guided``.
+        xv: video latents ``(B, T', H', W', C)`` at time ``t``.
+        xa: audio latents ``(B, Ta, Ca)`` or None.
+        t: current time (scalar).
+        t_next: next time (scalar, smaller).
+        scales: ``(2,)`` guidance scales (video, audio); unused without guidance.
+        sampler: ``"euler"`` or ``"heun"``.
+        guided: classifier-free guidance on.
+        cross_modal: override of the model's audio<->video attention.
+
+    Returns:
+        ``(xv, xa)`` at ``t_next``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+    velocity = _velocity_fn(model, text, None, None, scales, guided, cross_modal)
+    return _step(velocity, xv, xa, t, t_next, sampler, True, xa is not None)
 
 
 def sample(
@@ -123,6 +156,8 @@ def sample(
     shift: float = 1.0,
     clean_video: jax.Array | None = None,
     clean_audio: jax.Array | None = None,
+    noise: dict | None = None,
+    cross_modal: bool | None = None,
 ) -> dict:
     """Samples latents from noise; deterministic for a given ``rng``.
 
@@ -140,6 +175,11 @@ def sample(
         shift: time-grid shift.
         clean_video: ``(B, T', H', W', C)`` clean video to condition on (video -> audio).
         clean_audio: ``(B, Ta, Ca)`` clean audio to condition on (audio -> video).
+        noise: optional starting noise ``{"video": ..., "audio": ...}`` (then ``rng``
+            is unused); :func:`initial_noise` draws it per example so that an
+            example's clip does not depend on the batch it is sampled in.
+        cross_modal: override of the model's audio<->video attention (False: the
+            masked-attention ablation).
 
     Returns:
         ``{"video": (B,T',H',W',C), "audio": (B,Ta,Ca) or None}`` latents; a clean
@@ -162,9 +202,16 @@ def sample(
     if tokens.shape[0] != video_shape[0]:
         raise ValueError(f"{tokens.shape[0]} captions for a batch of {video_shape[0]}")
 
-    kv, ka = jax.random.split(rng)
-    xv = jax.random.normal(kv, video_shape, jnp.float32)
-    xa = None if audio_shape is None else jax.random.normal(ka, tuple(audio_shape), jnp.float32)
+    if noise is None:
+        xv, xa = initial_noise(rng, video_shape, audio_shape)
+    else:
+        xv, xa = noise["video"], noise.get("audio")
+        if tuple(xv.shape) != video_shape or (
+            audio_shape is not None and (xa is None or tuple(xa.shape) != tuple(audio_shape))
+        ):
+            raise ValueError(
+                f"noise shapes {jax.tree.map(jnp.shape, noise)} != {video_shape}, {audio_shape}"
+            )
     guided = cfg is not None
     video_scale = 1.0 if cfg is None else float(cfg)
     audio_scale = video_scale if audio_cfg is None else float(audio_cfg)
@@ -173,6 +220,7 @@ def sample(
     out_v, out_a = _sample_jit(
         graphdef, state, tokens, mask.astype(bool), xv, xa, clean_video, clean_audio,
         jnp.asarray(time_grid(steps, shift)), scales, sampler=sampler, guided=guided,
+        cross_modal=cross_modal,
     )  # fmt: skip
     return {
         "video": out_v if clean_video is None else clean_video,

@@ -47,6 +47,39 @@ def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
     return out
 
 
+def clip_scores(video, caption: str, fps: float, audio=None, sr: int = 16000) -> dict:
+    """One clip's scores: the oracle's attributes (``ATTRS``) when the caption names a
+    coloured shape, and with audio the sync scores (``sync_*``, see :func:`_sync`)."""
+    from vdiff.eval.oracle import parse_caption
+
+    out = {}
+    if parse_caption(caption)["shapes"]:
+        single = score_clips([(video, caption)])
+        out.update({a: single[a] for a in ATTRS})
+    if audio is not None:
+        sync = _sync("clip", [video], [audio], fps, sr)
+        out.update({k.removeprefix("clip."): v for k, v in sync.items()})
+    return out
+
+
+@nnx.jit
+def _recon_scores(vae, x):
+    x = x.astype(jnp.float32) / 127.5 - 1.0
+    mean, _ = vae.encode(x)
+    y = vae.decode(mean, num_frames=x.shape[1])
+    return psnr(y, x), ssim(y, x)
+
+
+def vae_recon_scores(vae, videos, batch: int = 16) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM of the video VAE's reconstruction (encoder mean) of uint8 clips."""
+    ps = ss = 0.0
+    for i in range(0, len(videos), batch):
+        chunk = jnp.asarray(videos[i : i + batch])
+        p, s = _recon_scores(vae, chunk)
+        ps, ss = ps + float(p) * len(chunk), ss + float(s) * len(chunk)
+    return ps / len(videos), ss / len(videos)
+
+
 def autoencoder_metrics(config, data, ae: dict) -> dict:
     """Held-out reconstruction quality of the video VAE and the audio AE."""
     out = {}
@@ -54,21 +87,7 @@ def autoencoder_metrics(config, data, ae: dict) -> dict:
     fps, sr = config.data.fps, config.data.sample_rate
     if "vae" in ae:
         vae = ae["vae"][0].model(ae["vae"][1])
-
-        @nnx.jit
-        def recon(m, x):
-            x = x.astype(jnp.float32) / 127.5 - 1.0
-            mean, _ = m.encode(x)
-            y = m.decode(mean, num_frames=x.shape[1])
-            return psnr(y, x), ssim(y, x)
-
-        ps, ss = [], []
-        for i in range(0, len(split), 16):
-            p, s = recon(vae, jnp.asarray(split.video[i : i + 16]))
-            ps.append(float(p) * len(split.video[i : i + 16]))
-            ss.append(float(s) * len(split.video[i : i + 16]))
-        out["ae.video_psnr"] = sum(ps) / len(split)
-        out["ae.video_ssim"] = sum(ss) / len(split)
+        out["ae.video_psnr"], out["ae.video_ssim"] = vae_recon_scores(vae, split.video)
     if "audio_ae" in ae and split.has_audio.any():
         from data_pipelines.audio import mel_to_wave
 
@@ -108,18 +127,21 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     rng = np.random.default_rng(config.seed)
     rows = []
 
-    def run(split_name: str, prefix: str, cfg: float, save: bool):
+    def run(split_name: str, prefix: str, cfg: float, save: bool, cross_modal=None):
         if split_name not in data.parts:
             return
         split = data.split(split_name)
         k = min(n, len(split))
         prompts = split.captions[:k]
         t = time.time()
-        out = gen.generate(prompts, cfg=cfg, seed=config.sample.seed)
+        out = gen.generate(prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal)
         metrics[f"{prefix}.seconds_per_clip"] = (time.time() - t) / k
         metrics.update(_prefixed(prefix, score_clips(list(zip(out["video"], prompts)))))
         if "audio" in out:
             metrics.update(_sync(prefix, out["video"], out["audio"], fps, sr))
+            # Chance floor for these very clips: each video with another clip's audio.
+            rolled = [out["audio"][i] for i in np.roll(np.arange(k), 1)]
+            metrics.update(_sync(f"{prefix}.shuffled_pairs", out["video"], rolled, fps, sr))
         if save and jax.process_index() == 0:
             for i in range(min(k, 16)):
                 files = write_clip(
@@ -129,7 +151,7 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
                     out["audio"][i] if "audio" in out else None,
                     sr,
                 )
-                single = score_clips([(out["video"][i], prompts[i])])
+                single = clip_scores(out["video"][i], prompts[i], fps)
                 rows.append(
                     {
                         "group": prefix,
@@ -144,6 +166,9 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     run("val", "oracle", cfg, save=True)
     run("val_heldout", "oracle.heldout", cfg, save=True)
     run("val", "oracle.cfg1", 1.0, save=False)
+    if gen.audio_ae is not None and gen.dit.has_audio:
+        # Sync ablation: the same model and noise with audio<->video attention masked.
+        run("val", "oracle.nocross", cfg, save=True, cross_modal=False)
 
     # Controls on ground truth: the oracle itself, then shuffled captions / audio.
     split = data.split("val")

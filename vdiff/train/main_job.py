@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, report: bool = True
             latents = stages.cache_latents(config, workdir, mesh, data, ae)
             timings["latents_s"] = time.time() - t
             t = time.time()
-            ae["dit"], summaries["dit"] = stages.train_dit(config, workdir, mesh, data, latents)
+            ae["dit"], summaries["dit"] = stages.train_dit(config, workdir, mesh, data, latents, ae)
         else:
             from vdiff.errors import UserError
 
@@ -85,7 +85,9 @@ def cache_latents_cli(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """``vdiff data latents``: encode every split with the workdir's trained autoencoders.
 
     Restores the newest ``vae`` / ``audio_ae`` checkpoints and writes the latent cache
-    (latent means as .npy plus per-channel statistics) that the transformer stage reads.
+    that the transformer stage reads: ArrayRecord shards of latent means, tokens and
+    captions, ``stats.json`` and ``latents.json`` (:mod:`data_pipelines.latents`).
+    A cache made from the same checkpoints is kept as it is.
     """
     from vdiff.train.checkpoint import Checkpointer
 
@@ -107,5 +109,4 @@ def cache_latents_cli(config: ml_collections.ConfigDict, workdir: Path) -> Path:
                 f"{workdir}/checkpoints/{name} has no checkpoint; run 'vdiff train' first"
             )
         ae[name] = (engine, restored[1])
-    stages.cache_latents(config, workdir, mesh, data, ae)
-    return workdir / "latents"
+    return stages.cache_latents(config, workdir, mesh, data, ae, shards=True)["dir"]

@@ -2,15 +2,18 @@
 
 - ``vae``: the video VAE on decoded clips (uint8 in memory, scaled on device).
 - ``audio_ae``: the audio autoencoder on normalised log-mel.
-- latent cache: both encoders run once over the data; per-channel latent statistics
-  are computed over the train split and stored beside the cache.
-- ``dit``: the diffusion transformer on cached latents + tokenized captions.
+- latent cache: both encoders run once over the data into ArrayRecord shards
+  (:mod:`data_pipelines.latents`); per-channel latent statistics are computed over the
+  train split and stored beside them.
+- ``dit``: the diffusion transformer on cached latents + tokenized captions, or
+  (``data.dit_input="clips"``) on decoded clips encoded inside its train step.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -18,7 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.losses import audio_ae_loss, vae_loss
 from vdiff.models.video_vae import VideoVAE, compute_latent_stats
@@ -158,90 +163,184 @@ def _batched(fn, arrays: list[np.ndarray], batch: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+# Module-level jits keyed by the (static, hashable) graph definition: encoding another
+# checkpoint of the same architecture reuses the compiled function.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_video(graphdef, params, x):
+    return nnx.merge(graphdef, params).encode(_video_float(x))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_audio(graphdef, params, mel):
+    return nnx.merge(graphdef, params).encode(mel)[0]
+
+
 def encoder_fns(ae: dict):
     """Jitted (video uint8 -> latent mean) and (normalised mel -> latent mean)."""
     fns = {}
-    if "vae" in ae:
-        engine, state = ae["vae"]
-        gdef, params = nnx.split(engine.model(state))
-
-        @jax.jit
-        def enc_video(params, x):
-            return nnx.merge(gdef, params).encode(_video_float(x))[0]
-
-        fns["video"] = lambda x: enc_video(params, x)
-    if "audio_ae" in ae:
-        engine, state = ae["audio_ae"]
-        gdef_a, params_a = nnx.split(engine.model(state))
-
-        @jax.jit
-        def enc_audio(params, m):
-            return nnx.merge(gdef_a, params).encode(m)[0]
-
-        fns["audio"] = lambda m: enc_audio(params_a, m)
+    for name, mod, encode in (
+        ("vae", "video", _encode_video),
+        ("audio_ae", "audio", _encode_audio),
+    ):
+        if name in ae:
+            engine, state = ae[name]
+            fns[mod] = functools.partial(encode, *nnx.split(engine.model(state)))
     return fns
 
 
-def cache_latents(config, workdir: Path, mesh, data: Data, ae: dict) -> dict:
-    """Encodes every split once (latent means) and normalises with train-split statistics.
+def dit_input(config) -> str:
+    """``data.dit_input``: "latents" (read the latent cache) or "clips" (encode per step)."""
+    mode = config.data.get("dit_input", "latents")
+    if mode not in ("latents", "clips"):
+        raise UserError(f"data.dit_input='{mode}' is not known; use 'latents' or 'clips'")
+    return mode
 
-    Cached under WORKDIR/latents as .npy (no pickle); reused while the autoencoder
-    checkpoints it was made from are unchanged.
-    """
-    out_dir = workdir / "latents"
-    tag = {
+
+def _cache_tag(config, data: Data, ae: dict) -> dict:
+    """What a latent cache was made from; a cache is reused only while this is unchanged."""
+    d = config.data
+    return {
         "vae_step": ae["vae"][1]["step"].item() if "vae" in ae else None,
         "audio_step": ae["audio_ae"][1]["step"].item() if "audio_ae" in ae else None,
+        "data": {
+            "clips": {split: len(data.split(split)) for split in data.splits()},
+            "bucket": [int(x) for x in d.buckets[0]],
+            "fps": float(d.fps),
+            "caption_len": int(d.caption_len),
+            "vocab_size": int(d.vocab_size),
+        },
     }
-    meta_path = out_dir / "latents.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("tag") == tag:
-        return _load_latents(out_dir)
+
+
+def cache_latents(
+    config, workdir: Path, mesh, data: Data, ae: dict, *, shards: bool | None = None
+) -> dict:
+    """Encodes every split once (latent means) and stores them with train-split statistics.
+
+    Writes ``WORKDIR/latents``: ArrayRecord shards of raw latents + tokens + captions,
+    ``stats.json`` and ``latents.json`` (see :mod:`data_pipelines.latents`). The cache
+    is reused while its tag (autoencoder checkpoint steps, data shape) is unchanged.
+
+    Args:
+        shards: Write the per-clip shards (default: when ``data.dit_input`` is
+            "latents"); False encodes the train split only for the statistics that the
+            on-the-fly ("clips") path normalises with.
+
+    Returns:
+        ``{"dir": cache folder, "stats": {modality: {"shift", "scale"}}, "meta": latents.json}``.
+    """
+    from data_pipelines import latents as lc
+
+    if "vae" not in ae:
+        raise UserError("the latent cache needs the video VAE; keep 'vae' in train.stages")
+    if shards is None:
+        shards = dit_input(config) == "latents"
+    out_dir = Path(workdir) / "latents"
+    tag = _cache_tag(config, data, ae)
+    want = data.splits() if shards else []
+    try:
+        meta = lc.read_meta(out_dir)
+    except UserError as e:  # a foreign or older cache: this stage owns the folder, so rebuild
+        log.warning("rebuilding the latent cache: %s", e)
+        meta = None
+    if meta is not None and meta["tag"] == tag and set(want) <= set(meta["splits"]):
+        for split in want:
+            lc.check_split(out_dir, split, meta)
+        log.info("latent cache %s matches the autoencoders; reusing it", out_dir)
+        return {"dir": out_dir, "stats": lc.load_stats(out_dir), "meta": meta}
+
+    t0 = time.time()
     fns = encoder_fns(ae)
-    result: dict = {}
-    for split in data.splits():
+    encoded: dict[str, dict[str, np.ndarray]] = {}
+    for split in want or ["train"]:
         arrays = data.split(split)
-        if "video" in fns:
-            result[f"{split}/video"] = _batched(fns["video"], [arrays.video], 64)
+        encoded[split] = {"video": _batched(fns["video"], [arrays.video], 64)}
         if "audio" in fns:
-            result[f"{split}/audio"] = _batched(fns["audio"], [arrays.mel_norm], 64)
-    stats = {}
-    for mod in ("video", "audio"):
-        if f"train/{mod}" in result:
-            s = compute_latent_stats(jnp.asarray(result[f"train/{mod}"]))
-            stats[mod] = {k: np.asarray(v) for k, v in s.items()}
+            encoded[split]["audio"] = _batched(fns["audio"], [arrays.mel_norm], 64)
+    stats = {
+        mod: {k: np.asarray(v) for k, v in compute_latent_stats(jnp.asarray(z)).items()}
+        for mod, z in encoded["train"].items()
+    }
     if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for key, arr in result.items():
-            np.save(out_dir / (key.replace("/", "_") + ".npy"), arr)
-        for mod, s in stats.items():
-            for k, v in s.items():
-                np.save(out_dir / f"stats_{mod}_{k}.npy", v)
-        meta_path.write_text(
-            json.dumps({"tag": tag, "keys": sorted(result), "stats": sorted(stats)})
+        splits = {}
+        for split in want:
+            s = data.split(split)
+            splits[split] = {
+                **encoded[split],
+                "key": s.keys,
+                "index": s.indices,
+                "has_audio": s.has_audio,
+                "tokens": s.tokens,
+                "mask": s.mask,
+                "caption": s.captions,
+            }
+        lc.write_cache(out_dir, tag, splits, stats)
+    if jax.process_count() > 1:  # the others read what process 0 wrote (shared storage)
+        multihost_utils.sync_global_devices("vdiff_latent_cache")
+    meta = lc.read_meta(out_dir)
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    log.info(
+        "latent cache %s written in %.1f s (%s, %.2f MB)",
+        out_dir,
+        time.time() - t0,
+        ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items()) or "statistics only",
+        size / 1e6,
+    )
+    return {"dir": out_dir, "stats": stats, "meta": meta}
+
+
+def normalized(raw: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Raw latents -> per-channel normalised float32 (the transformer's inputs)."""
+    return ((raw - stats["shift"]) * stats["scale"]).astype(np.float32)
+
+
+def clip_encoder(config, ae: dict, stats: dict):
+    """The frozen encoders as a traceable batch map, for ``data.dit_input="clips"``.
+
+    ``video`` uint8 (B, T, H, W, 3) becomes ``video_latents`` and ``mel`` (normalised
+    log-mel) becomes ``audio_latents``, both encoder means normalised with ``stats``
+    exactly as the cache path does; other keys pass through. Runs inside the train
+    step's jit. The encoder weights are host copies captured as constants of that jit
+    (fine for the small autoencoders here, on any process count).
+    """
+
+    def frozen(engine_state):
+        engine, state = engine_state
+        gdef, params = nnx.split(engine.model(state))
+        host = jax.tree.map(
+            lambda x: np.asarray(
+                x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+            ),
+            params,
         )
-    return {"latents": result, "stats": stats}
+        return gdef, host
+
+    def norm(z, s):
+        return jax.lax.stop_gradient((z - s["shift"]) * s["scale"])
+
+    video = frozen(ae["vae"])
+    audio = frozen(ae["audio_ae"]) if config.data.audio and "audio" in stats else None
+
+    def encode(batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k not in ("video", "mel")}
+        z = nnx.merge(*video).encode(_video_float(batch["video"]))[0]
+        out["video_latents"] = norm(z, stats["video"])
+        if audio is not None and "mel" in batch:
+            za = nnx.merge(*audio).encode(batch["mel"])[0]
+            out["audio_latents"] = norm(za, stats["audio"])
+        return out
+
+    return encode
 
 
-def _load_latents(out_dir: Path) -> dict:
-    meta = json.loads((out_dir / "latents.json").read_text())
-    result = {k: np.load(out_dir / (k.replace("/", "_") + ".npy")) for k in meta["keys"]}
-    stats = {}
-    for mod in meta["stats"]:
-        stats[mod] = {k: np.load(out_dir / f"stats_{mod}_{k}.npy") for k in ("shift", "scale")}
-    return {"latents": result, "stats": stats}
-
-
-def normalized(latents: dict, split: str, mod: str) -> np.ndarray:
-    s = latents["stats"][mod]
-    return ((latents["latents"][f"{split}/{mod}"] - s["shift"]) * s["scale"]).astype(np.float32)
-
-
-def dit_engine(config: ml_collections.ConfigDict, mesh) -> Engine:
+def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engine:
+    """The transformer's engine; ``encode`` (see :func:`clip_encoder`) maps raw clip
+    batches to latents inside the step, for ``data.dit_input="clips"``."""
     from vdiff.diffusion.flow import flow_loss
     from vdiff.models.dit import DiT
 
     def loss_fn(model, batch, rng):
-        return flow_loss(model, batch, rng, config)
+        return flow_loss(model, batch if encode is None else encode(batch), rng, config)
 
     t = config.train
     return _stage_engine(
@@ -257,22 +356,47 @@ def dit_engine(config: ml_collections.ConfigDict, mesh) -> Engine:
     )
 
 
-def dit_arrays(config, data: Data, latents: dict, split: str = "train") -> dict[str, np.ndarray]:
-    arrays = data.split(split)
+def dit_arrays(config, latents: dict, split: str = "train") -> dict[str, np.ndarray]:
+    """The transformer's inputs from the latent cache: normalised latents, tokens, mask."""
+    from data_pipelines.latents import load_split
+
+    cached = load_split(latents["dir"], split)
+    stats = latents["stats"]
     out = {
-        "video_latents": normalized(latents, split, "video"),
-        "tokens": arrays.tokens,
-        "mask": arrays.mask,
+        "video_latents": normalized(cached["video"], stats["video"]),
+        "tokens": cached["tokens"],
+        "mask": cached["mask"],
     }
-    if config.data.audio and f"{split}/audio" in latents["latents"]:
-        out["audio_latents"] = normalized(latents, split, "audio")
-        out["has_audio"] = arrays.has_audio
+    if config.data.audio and "audio" in cached:
+        out["audio_latents"] = normalized(cached["audio"], stats["audio"])
+        out["has_audio"] = cached["has_audio"]
     return out
 
 
-def train_dit(config, workdir: Path, mesh, data: Data, latents: dict):
-    engine = dit_engine(config, mesh)
-    arrays = dit_arrays(config, data, latents)
+def dit_clip_arrays(config, data: Data, stats: dict, split: str = "train") -> dict:
+    """The transformer's inputs as raw clips (uint8 video, normalised mel), for "clips"."""
+    s = data.split(split)
+    out = {"video": s.video, "tokens": s.tokens, "mask": s.mask}
+    if config.data.audio and "audio" in stats:
+        out["mel"] = s.mel_norm
+        out["has_audio"] = s.has_audio
+    return out
+
+
+def train_dit(config, workdir: Path, mesh, data: Data, latents: dict, ae: dict | None = None):
+    """Trains the transformer from the latent cache, or (``data.dit_input="clips"``) from
+    the decoded clips, encoding each batch with the frozen autoencoders ``ae``."""
+    if dit_input(config) == "latents":
+        engine = dit_engine(config, mesh)
+        arrays = dit_arrays(config, latents)
+    else:
+        if not ae or "vae" not in ae:
+            raise UserError(
+                "data.dit_input='clips' needs the trained autoencoders; keep 'vae' (and "
+                "'audio_ae') in train.stages"
+            )
+        engine = dit_engine(config, mesh, encode=clip_encoder(config, ae, latents["stats"]))
+        arrays = dit_clip_arrays(config, data, latents["stats"])
     state, summary = _run(
         "dit", engine, arrays, config, workdir, config.train.steps, config.train.batch_size
     )

@@ -1,0 +1,422 @@
+"""Export bundles: a trained workdir -> a folder a server runs without vdiff's model code.
+
+``vdiff export --workdir W --out B`` writes::
+
+    B/bundle.json            manifest (format version, dtype, tensors, function signatures,
+                             sampler defaults, generation shapes, sha256 + size of every file)
+    B/params.safetensors     the parameters the exported functions read
+    B/params/                the same parameter trees as an Orbax checkpoint
+                             ({"dit": ..., "vae": ..., "audio_ae": ...}, nested by attribute path)
+    B/stats.safetensors      latent statistics (latent.<modality>.shift/scale) and mel
+                             statistics (mel.mean, mel.std), float32
+    B/config.json            the run config
+    B/tokenizer.model        the sentencepiece model
+    B/functions/*.bin        ``jax.export`` serialized functions (cpu and cuda):
+        text_encode              tokens (b, L), mask (b, L) -> text features, pooled, mask
+        denoise_step.<sampler>.<cfg|nocfg>
+                                 ONE Euler/Heun step of the sampler, guided or not
+        decode_video             normalised video latents -> uint8 video
+        decode_audio             normalised audio latents -> log-mel (the audio stream only)
+
+Tensor naming (params.safetensors and every function's parameter list): ``<module>.<path>``
+where ``<module>`` is ``dit``, ``vae`` or ``audio_ae`` and ``<path>`` is the attribute path of
+the parameter inside that module joined with dots; list entries appear by index
+(``dit.text_encoder.blocks.0.mlp.fc1.kernel``) and the transformer's stacked blocks keep their
+leading ``depth`` axis (``dit.blocks.layers.video.q.kernel`` has shape ``(depth, width,
+heads, head_dim)``). Only tensors some function reads are stored: the VAE and audio AE
+encoders are left out.
+
+Every function takes the parameters as explicit inputs — a list of arrays in the order
+``bundle.json`` gives under ``functions.<name>.params`` — followed by its data inputs, so
+weights live only in the tensor files. Batch is the symbolic dimension ``b`` (the guided
+step's text inputs have ``2*b`` rows: the captions, then the empty captions). A parameter
+list holds exactly the tensors the compiled function keeps: each function is exported once
+with its module's whole parameter tree, and again with the subset ``jax.export`` reported
+as used. :mod:`vdiff.serving` loads and runs a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import export
+
+import vdiff
+from vdiff import serving
+from vdiff.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PLATFORMS = ("cpu", "cuda")
+
+
+def export_workdir(
+    workdir: Path, out: Path, *, dtype: str = "float32", use_ema: bool = True
+) -> dict:
+    """Exports a workdir written by ``vdiff train`` to bundle folder ``out``; returns the manifest."""
+    from vdiff.sampling import Generator
+
+    workdir = Path(workdir)
+    _check_out(Path(out))
+    gen = Generator.from_workdir(workdir, use_ema=use_ema)
+    config_json = (workdir / "config.json").read_text()
+    return export_generator(gen, out, dtype=dtype, use_ema=use_ema, config_json=config_json)
+
+
+def export_generator(
+    gen, out: Path, *, dtype: str = "float32", use_ema: bool = True, config_json: str | None = None
+) -> dict:
+    """Exports a :class:`vdiff.sampling.Generator`'s models to bundle folder ``out``.
+
+    Args:
+        gen: the generator (its config, models, tokenizer and statistics).
+        out: the bundle folder to create (must not exist).
+        dtype: ``"float32"`` or ``"bfloat16"``: the stored parameters' dtype and the
+            transformer's compute dtype (the sampler state and the decoders stay float32).
+        use_ema: recorded in the manifest (which weights ``gen`` holds).
+        config_json: the run config text to store (default: ``gen.config`` as JSON).
+
+    Returns:
+        The manifest written to ``out/bundle.json``.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    out = Path(out)
+    _check_out(out)
+    t0 = time.time()
+    c = gen.config
+    with_audio = gen.audio_ae is not None and gen.dit.has_audio
+    shapes = _generation_shapes(gen, with_audio)
+    dt = DTYPES[dtype]
+    modules = {
+        "dit": _module_parts(gen.dit, "dit", dt, _export_dit(c, dt)),
+        "vae": _module_parts(gen.vae, "vae", dt),
+    }
+    if with_audio:
+        modules["audio_ae"] = _module_parts(gen.audio_ae, "audio_ae", dt)
+
+    stats = {
+        f"latent.{mod}.{k}": np.asarray(gen.latent_stats[mod][k], np.float32)
+        for mod in (("video", "audio") if with_audio else ("video",))
+        for k in ("shift", "scale")
+    }
+    if with_audio:
+        stats.update(
+            {f"mel.{k}": np.asarray(gen.mel_stats[k], np.float32) for k in ("mean", "std")}
+        )
+
+    functions = {}
+    (b,) = export.symbolic_shape("b")
+    (b2,) = export.symbolic_shape("2*b", scope=b.scope)
+    symbolic = _function_specs(c, shapes, with_audio, stats, dt, b, b2)
+    # jax.export keeps every input of a shape-polymorphic function, so the parameters a
+    # function reads are found on a batch-1 export (they do not depend on the batch).
+    concrete = _function_specs(c, shapes, with_audio, stats, dt, 1, 2)
+    for name, (module, fn, inputs) in symbolic.items():
+        functions[name] = _export_function(modules[module], fn, inputs, concrete[name][2])
+        log.info("exported %s", name)
+
+    used = sorted({n for f in functions.values() for n in f["params"]})
+    tensors = {}
+    for mod in modules.values():
+        for n, x in zip(mod["names"], mod["leaves"]):
+            if n in used:
+                tensors[n] = np.asarray(jax.device_get(x)).astype(dt)
+
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / serving.FUNCTIONS_DIR).mkdir(parents=True)
+    from safetensors.numpy import save
+
+    # Written with write_bytes (not save_file) so the files get the usual permissions.
+    meta = {"naming": serving.TENSOR_NAMING}
+    (tmp / serving.PARAMS_FILE).write_bytes(save(tensors, metadata=meta))
+    (tmp / serving.STATS_FILE).write_bytes(save(stats))
+    _save_orbax(tmp / serving.ORBAX_DIR, tensors)
+    (tmp / serving.CONFIG_FILE).write_text(config_json or c.to_json(indent=2))
+    (tmp / serving.TOKENIZER_FILE).write_bytes(gen.tokenizer.model_bytes())
+    fn_manifest = {}
+    for name, f in functions.items():
+        rel = f"{serving.FUNCTIONS_DIR}/{name}.bin"
+        (tmp / rel).write_bytes(f.pop("exported").serialize())
+        fn_manifest[name] = {"file": rel, **f}
+
+    s = c.sample
+    manifest = {
+        "format": serving.FORMAT,
+        "format_version": serving.FORMAT_VERSION,
+        "vdiff_version": vdiff.__version__,
+        "jax_version": jax.__version__,
+        "dtype": dtype,
+        "weights": "ema" if use_ema else "raw",
+        "platforms": list(PLATFORMS),
+        "tensor_naming": serving.TENSOR_NAMING,
+        "tensors": {
+            "file": serving.PARAMS_FILE,
+            "entries": {n: _spec(x) for n, x in tensors.items()},
+        },
+        "stats": {"file": serving.STATS_FILE, "entries": {n: _spec(x) for n, x in stats.items()}},
+        "orbax_params": serving.ORBAX_DIR,
+        "functions": fn_manifest,
+        "sampler": {
+            "sampler": s.sampler,
+            "steps": int(s.steps),
+            "cfg": float(s.cfg),
+            "audio_cfg": None if s.get("audio_cfg") is None else float(s.audio_cfg),
+            "shift": float(s.shift),
+        },
+        "generation": shapes,
+        "files": {
+            p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        },
+    }
+    (tmp / serving.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp.rename(out)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    log.info("bundle %s: %.1f MB in %.1f s", out, size / 1e6, time.time() - t0)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        raise UserError(f"--out {out} already exists; remove it or pick another folder")
+
+
+def _export_dit(config, dtype):
+    """The transformer rebuilt for export: the bundle's compute dtype and the portable
+    "xla" attention (the "auto" backend picks per host, and cuDNN does not lower for cpu)."""
+    from vdiff.models.dit import DiT
+
+    return nnx.eval_shape(
+        lambda: DiT.from_config(
+            config, nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+            attention_backend="xla", remat="none",
+        )
+    )  # fmt: skip
+
+
+def _module_parts(module, prefix: str, dtype, template=None) -> dict:
+    """Parameter leaves with their bundle names, plus what rebuilds the module from them.
+
+    ``dtype`` is the stored parameters' dtype (the exported functions take them so);
+    ``template`` (an abstract module of the same parameter tree) supplies the graph
+    definition to export; default: ``module``'s own.
+    """
+    _, params, _ = nnx.split(module, nnx.Param, ...)
+    graphdef, abstract, rest = nnx.split(
+        template if template is not None else module, nnx.Param, ...
+    )
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if treedef != jax.tree_util.tree_structure(abstract):
+        raise RuntimeError(
+            f"{prefix}: the export template's parameter tree differs from the model's"
+        )
+    names = [f"{prefix}.{_path_name(p)}" for p, _ in with_path]
+    return {
+        "names": names,
+        "leaves": [x for _, x in with_path],
+        "treedef": treedef,
+        "graphdef": graphdef,
+        "rest": rest,
+        "abstract": [jax.ShapeDtypeStruct(x.shape, dtype) for _, x in with_path],
+    }
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+            parts.append(k.name)
+    return ".".join(parts)
+
+
+def _generation_shapes(gen, with_audio: bool) -> dict:
+    """Clip and latent shapes of the training defaults (what ``Generator.generate`` uses)."""
+    c = gen.config
+    sd = c.vae.spatial_down
+    h = w = c.data.resolution
+    lt = gen.vae.latent_frames(c.data.frames)
+    out = {
+        "num_frames": int(c.data.frames),
+        "height": int(h),
+        "width": int(w),
+        "fps": float(c.data.fps),
+        "caption_len": int(c.data.caption_len),
+        "pad_id": _pad_id(),
+        "video_latent_shape": [int(lt), h // sd, w // sd, int(c.vae.latent_channels)],
+        "audio": with_audio,
+    }
+    if with_audio:
+        mel_len = round(c.data.frames / c.data.fps * c.data.sample_rate / c.data.hop)
+        mel_len -= mel_len % c.audio_ae.time_down
+        out.update(
+            audio_latent_shape=[mel_len // c.audio_ae.time_down, int(c.audio_ae.latent_channels)],
+            sample_rate=int(c.data.sample_rate),
+            hop=int(c.data.hop),
+        )
+    return out
+
+
+def _pad_id() -> int:
+    from vdiff.models.text_encoder import PAD_ID
+
+    return int(PAD_ID)
+
+
+def _function_specs(c, shapes: dict, with_audio: bool, stats: dict, text_dtype, b, b2) -> dict:
+    """name -> (module, fn(model, *inputs), [(input name, ShapeDtypeStruct)]).
+
+    ``text_dtype``: the transformer's compute dtype, which its text features come in;
+    ``b``, ``b2``: the batch and the guided text batch (symbolic ``b`` and ``2*b``, or
+    concrete sizes).
+    """
+    from vdiff.diffusion.samplers import SAMPLERS, denoise_step
+
+    f32, L = jnp.float32, shapes["caption_len"]
+    tw = c.model.text_width
+    sds = jax.ShapeDtypeStruct
+    xv = ("video_latents", sds((b, *shapes["video_latent_shape"]), f32))
+    xa = [("audio_latents", sds((b, *shapes["audio_latent_shape"]), f32))] if with_audio else []
+    specs = {
+        "text_encode": (
+            "dit",
+            lambda m, tokens, mask: m.encode_text(tokens, mask),
+            [("tokens", sds((b, L), jnp.int32)), ("mask", sds((b, L), jnp.bool_))],
+        )
+    }
+    for sampler in SAMPLERS:
+        for guided in (True, False):
+            rows = b2 if guided else b
+
+            def step(m, xv, *rest, sampler=sampler, guided=guided):
+                xa = rest[0] if with_audio else None
+                feats, pooled, tmask, t, t_next, scales = rest[-6:]
+                return denoise_step(
+                    m, (feats, pooled, tmask), xv, xa, t, t_next, scales,
+                    sampler=sampler, guided=guided,
+                )  # fmt: skip
+
+            specs[f"denoise_step.{sampler}.{'cfg' if guided else 'nocfg'}"] = (
+                "dit",
+                step,
+                [
+                    xv, *xa,
+                    ("text_features", sds((rows, L, tw), text_dtype)),
+                    ("text_pooled", sds((rows, tw), text_dtype)),
+                    ("text_mask", sds((rows, L), jnp.bool_)),
+                    ("t", sds((), f32)), ("t_next", sds((), f32)), ("scales", sds((2,), f32)),
+                ],
+            )  # fmt: skip
+    num_frames = shapes["num_frames"]
+
+    def decode_video(vae, z, shift, scale):
+        x = vae.decode(z / scale + shift)[:, :num_frames]
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    stat = lambda name: (name, sds(stats[name].shape, f32))  # noqa: E731
+    specs["decode_video"] = (
+        "vae", decode_video, [xv, stat("latent.video.shift"), stat("latent.video.scale")]
+    )  # fmt: skip
+    if with_audio:
+
+        def decode_audio(ae, z, shift, scale, mel_mean, mel_std):
+            return ae.decode(z / scale + shift) * mel_std + mel_mean
+
+        specs["decode_audio"] = (
+            "audio_ae",
+            decode_audio,
+            [*xa, *map(stat, ("latent.audio.shift", "latent.audio.scale", "mel.mean", "mel.std"))],
+        )
+    return specs
+
+
+def _export_function(mod: dict, fn, inputs, concrete_inputs) -> dict:
+    """Exports ``fn(model, *inputs)`` with the module's parameters as its first input.
+
+    Exported twice: at the concrete shapes with every parameter, then at the symbolic
+    shapes with only the parameters that the first export kept.
+    """
+    leaves = mod["abstract"]
+
+    def build(keep: list[int], specs):
+        def wrapped(params, *args):
+            full = [
+                params[keep.index(i)] if i in keep else jnp.zeros(a.shape, a.dtype)
+                for i, a in enumerate(leaves)
+            ]
+            model = nnx.merge(
+                mod["graphdef"], jax.tree.unflatten(mod["treedef"], full), mod["rest"]
+            )
+            return fn(model, *args)
+
+        return export.export(jax.jit(wrapped), platforms=PLATFORMS)(
+            [leaves[i] for i in keep], *specs
+        )
+
+    first = build(list(range(len(leaves))), [s for _, s in concrete_inputs])
+    keep = [i for i in first.module_kept_var_idx if i < len(leaves)]
+    exported = build(keep, [s for _, s in inputs])
+    return {
+        "exported": exported,
+        "platforms": list(exported.platforms),
+        "symbolic_dims": ["b"],
+        "params": [mod["names"][i] for i in keep],
+        "inputs": [
+            {"name": n, **_aval_spec(a)}
+            for (n, _), a in zip(inputs, exported.in_avals[len(keep) :])
+        ],
+        "outputs": [_aval_spec(a) for a in exported.out_avals],
+    }
+
+
+def _aval_spec(a) -> dict:
+    return {"shape": [d if isinstance(d, int) else str(d) for d in a.shape], "dtype": str(a.dtype)}
+
+
+def _spec(x: np.ndarray) -> dict:
+    return {"shape": list(x.shape), "dtype": str(x.dtype)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_orbax(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """The stored tensors as an Orbax checkpoint, nested by name (``dit.blocks.x`` ->
+    ``{"dit": {"blocks": {"x": ...}}}``), for tools that restore Orbax trees."""
+    import orbax.checkpoint as ocp
+
+    tree: dict = {}
+    for name, x in tensors.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = x
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path.absolute(), tree)
+        ckpt.wait_until_finished()

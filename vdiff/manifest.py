@@ -1,0 +1,42 @@
+"""Reading vdiff's own JSON descriptions (latent caches, export bundles) with one error style.
+
+Kept free of heavy imports: the serving side of an export bundle reads its manifest
+through here without loading any model code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vdiff.errors import UserError
+
+
+def read_versioned_json(
+    path: Path, *, fmt: str, version_key: str, version: int, what: str, fix: str
+) -> dict[str, Any]:
+    """Loads ``path`` and checks its ``"format"`` and version fields.
+
+    Args:
+        path: the JSON file (it must exist).
+        fmt: expected value of the ``"format"`` field.
+        version_key: name of the version field.
+        version: the version this vdiff reads.
+        what: what the file describes, for messages ("vdiff latent cache").
+        fix: what the user should do, appended to every message.
+
+    Raises:
+        UserError: not JSON, not that format, or another version.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"{path} is not a {what}; {fix}")
+    if data.get(version_key) != version:
+        raise UserError(
+            f"{path} has {what} version {data.get(version_key)}, this vdiff reads {version}; {fix}"
+        )
+    return data
