@@ -71,7 +71,7 @@ def _abstract_vae(**kw):
     return nnx.eval_shape(lambda: VideoVAE(latent_channels=4, channels=8, rngs=nnx.Rngs(0), **kw))
 
 
-@pytest.mark.parametrize("spatial_down", [4, 8])
+@pytest.mark.parametrize("spatial_down", [2, 4, 8])
 @pytest.mark.parametrize("thw", [(1, 32, 32), (5, 32, 48), (16, 64, 32), (9, 16, 16)])
 def test_shapes_follow_compression(spatial_down, thw):
     t, h, w = thw
