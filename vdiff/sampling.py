@@ -191,14 +191,15 @@ class Generator:
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
         from data_pipelines.audio import mel_to_wave
+        from vdiff.models.video_vae import denormalize
 
         s = self.latent_stats["video"]
-        z = video_latents / s["scale"] + s["shift"]
+        z = denormalize(video_latents, s)
         x = _decode_video(self.vae, z)
         out = {"video": np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)}
         if audio_latents is not None:
             sa = self.latent_stats["audio"]
-            za = audio_latents / sa["scale"] + sa["shift"]
+            za = denormalize(audio_latents, sa)
             mel = (
                 np.asarray(_decode_audio(self.audio_ae, za)) * self.mel_stats["std"]
                 + self.mel_stats["mean"]

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.losses import audio_ae_loss, vae_loss
-from vdiff.models.video_vae import VideoVAE, compute_latent_stats
+from vdiff.models.video_vae import VideoVAE, compute_latent_stats, normalize
 from vdiff.train.data import Data
 from vdiff.train.engine import Engine, OptimConfig
 from vdiff.train.loop import ArraySource, run_stage
@@ -291,7 +291,7 @@ def cache_latents(
 
 def normalized(raw: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     """Raw latents -> per-channel normalised float32 (the transformer's inputs)."""
-    return ((raw - stats["shift"]) * stats["scale"]).astype(np.float32)
+    return normalize(raw, stats).astype(np.float32)
 
 
 def clip_encoder(config, ae: dict, stats: dict):
@@ -316,7 +316,7 @@ def clip_encoder(config, ae: dict, stats: dict):
         return gdef, host
 
     def norm(z, s):
-        return jax.lax.stop_gradient((z - s["shift"]) * s["scale"])
+        return jax.lax.stop_gradient(normalize(z, s))
 
     video = frozen(ae["vae"])
     audio = frozen(ae["audio_ae"]) if config.data.audio and "audio" in stats else None
