@@ -12,6 +12,13 @@ accuracy 0.46; 4x/16ch 27.3 dB, 0.53; 2x/4ch 28.9 dB, 0.84 (ground truth 1.0). T
 latent has as many numbers per frame as 4x/16ch and the transformer sees the same 80
 video tokens through 4x4 patches.
 
+Why the VAE trains on random 16x16 crops (``vae.train_crop``): a step on a quarter of
+the pixels is ~7x cheaper on CPU (0.05 vs 0.39 s at batch 8, measured side by side)
+and the fully convolutional VAE then encodes whole 32x32 frames as well: 2000 steps
+gave 28.71 dB, SSIM 0.908, oracle shape 0.88 on the reconstructions in 144 s, against
+28.87 dB, 0.913, 0.84 in 542 s on whole frames (same data, both runs sharing the 2
+cores with another job). The time saved goes to transformer updates.
+
 Why the timestep distribution sits at high noise (``t_mean`` 0.5, shift 3, the same
 shift in the sampler): the caption decides a clip only near pure noise, where the
 picture itself says little; at the default logit-normal(0, 1) the transformer barely
@@ -43,6 +50,7 @@ def get_config(arg=None):
     c.vae.steps = 2000
     c.vae.spatial_down = 2
     c.vae.latent_channels = 4
+    c.vae.train_crop = 16
     c.model.patch = (1, 4, 4)
     c.diffusion.t_mean = 0.5
     c.diffusion.shift = 3.0

@@ -56,6 +56,13 @@ def test_batch_must_divide_batch_axes():
         validate(c, 8)
 
 
+def test_vae_train_crop_must_fit_the_stride_and_frame():
+    for bad in ("vae.train_crop=15", "vae.train_crop=64", "vae.train_crop=-8"):
+        with pytest.raises(UserError, match=r"vae\.train_crop=.*multiple of vae\.spatial_down"):
+            load_config("tiny", [bad])
+    assert load_config("tiny", ["vae.train_crop=16"]).vae.train_crop == 16
+
+
 def test_unknown_config_file():
     with pytest.raises(UserError, match="not found"):
         load_config("no_such_config")

@@ -240,3 +240,20 @@ def test_kl_divergence_zero_for_standard_normal():
     mean = jnp.zeros((2, 3, 4))
     np.testing.assert_allclose(losses.kl_divergence(mean, jnp.zeros_like(mean)), 0.0, atol=1e-7)
     assert float(losses.kl_divergence(mean + 1.0, jnp.zeros_like(mean))[0]) == pytest.approx(6.0)
+
+
+def test_random_crops_are_aligned_slices_of_each_clip():
+    from vdiff.train.stages import random_crops
+
+    x = jnp.arange(4 * 3 * 12 * 10 * 2, dtype=jnp.float32).reshape(4, 3, 12, 10, 2)
+    offsets = set()
+    for seed in range(8):
+        out = np.asarray(random_crops(x, jax.random.key(seed), 6, 2))
+        assert out.shape == (4, 3, 6, 6, 2)
+        for b in range(4):
+            # Values encode their position: the crop's corner says where it was cut.
+            y, x0 = divmod(int(out[b, 0, 0, 0, 0]) // 2 % (12 * 10), 10)
+            assert y % 2 == 0 and x0 % 2 == 0 and y <= 6 and x0 <= 4
+            np.testing.assert_array_equal(out[b], np.asarray(x[b, :, y : y + 6, x0 : x0 + 6]))
+            offsets.add((y, x0))
+    assert len(offsets) > 4  # offsets differ between clips and draws

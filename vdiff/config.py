@@ -155,6 +155,14 @@ def check_static(config: ml_collections.ConfigDict) -> None:
     for a, s in mesh.shape.items():
         if s != -1 and s < 1:
             raise UserError(f"mesh.shape.{a}={s}: sizes must be >= 1 or -1 (fill)")
+    crop = config.get("vae", {}).get("train_crop", 0)
+    if crop:
+        down, res = config.vae.spatial_down, config.data.resolution
+        if crop % down or not 0 < crop <= res:
+            raise UserError(
+                f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
+                f"(0, data.resolution={res}]; or 0 to train on whole frames"
+            )
 
 
 def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

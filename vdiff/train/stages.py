@@ -69,11 +69,32 @@ def _stage_engine(
     )
 
 
+def random_crops(x: jax.Array, rng: jax.Array, size: int, align: int) -> jax.Array:
+    """A ``size`` x ``size`` spatial crop of every clip in ``x`` (B, T, H, W, C), each at its
+    own random offset, a multiple of ``align`` so the crop keeps the encoder's stride phase."""
+    b, _, h, w, _ = x.shape
+    ky, kx = jax.random.split(rng)
+    oy = jax.random.randint(ky, (b,), 0, (h - size) // align + 1) * align
+    ox = jax.random.randint(kx, (b,), 0, (w - size) // align + 1) * align
+
+    def crop(clip, y, x0):
+        return jax.lax.dynamic_slice(
+            clip, (0, y, x0, 0), (clip.shape[0], size, size, clip.shape[-1])
+        )
+
+    return jax.vmap(crop)(x, oy, ox)
+
+
 def video_vae_engine(config, mesh) -> Engine:
     kl = config.vae.kl_weight
+    crop = config.vae.get("train_crop", 0)
 
     def loss_fn(model, batch, rng):
-        return vae_loss(model, _video_float(batch["video"]), rng, kl)
+        x = batch["video"]
+        if crop:
+            rng, crop_rng = jax.random.split(rng)
+            x = random_crops(x, crop_rng, crop, config.vae.spatial_down)
+        return vae_loss(model, _video_float(x), rng, kl)
 
     return _stage_engine(
         config,
