@@ -198,6 +198,14 @@ def mel_to_wave(
     return wave
 
 
+def mels_to_waves(log_mels: np.ndarray, sample_rate: int = 16000, hop: int = 160) -> np.ndarray:
+    """:func:`mel_to_wave` for each of a batch of log-mel spectrograms ``(N, Tm, n_mels)``;
+    float32 ``(N, S)``."""
+    return np.stack([mel_to_wave(m, sample_rate=sample_rate, hop=hop) for m in log_mels]).astype(
+        np.float32
+    )
+
+
 def resample(wave, src_sr: int, dst_sr: int) -> np.ndarray:
     """Polyphase resampling of a mono waveform; float32, ``ceil(N * dst / src)`` samples."""
     wave = _check_wave(wave)

@@ -190,7 +190,7 @@ class Generator:
 
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
-        from data_pipelines.audio import mel_to_wave
+        from data_pipelines.audio import mels_to_waves
         from vdiff.models.video_vae import denormalize
 
         s = self.latent_stats["video"]
@@ -205,9 +205,7 @@ class Generator:
                 + self.mel_stats["mean"]
             )
             c = self.config.data
-            out["audio"] = np.stack(
-                [mel_to_wave(m, sample_rate=c.sample_rate, hop=c.hop) for m in mel]
-            ).astype(np.float32)
+            out["audio"] = mels_to_waves(mel, sample_rate=c.sample_rate, hop=c.hop)
             out["mel"] = mel
         return out
 

@@ -185,7 +185,7 @@ class Bundle:
             "video_latents": np.asarray(video_latents),
         }
         if audio_latents is not None:
-            from data_pipelines.audio import mel_to_wave
+            from data_pipelines.audio import mels_to_waves
 
             g = self.manifest["generation"]
             mel = np.asarray(
@@ -194,9 +194,7 @@ class Bundle:
                     st["latent.audio.scale"], st["mel.mean"], st["mel.std"],
                 )
             )  # fmt: skip
-            out["audio"] = np.stack(
-                [mel_to_wave(m, sample_rate=g["sample_rate"], hop=g["hop"]) for m in mel]
-            ).astype(np.float32)
+            out["audio"] = mels_to_waves(mel, sample_rate=g["sample_rate"], hop=g["hop"])
             out["mel"] = mel
             out["audio_latents"] = np.asarray(audio_latents)
         return out

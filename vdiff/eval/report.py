@@ -89,7 +89,7 @@ def autoencoder_metrics(config, data, ae: dict) -> dict:
         vae = ae["vae"][0].model(ae["vae"][1])
         out["ae.video_psnr"], out["ae.video_ssim"] = vae_recon_scores(vae, split.video)
     if "audio_ae" in ae and split.has_audio.any():
-        from data_pipelines.audio import mel_to_wave
+        from data_pipelines.audio import mels_to_waves
 
         model = ae["audio_ae"][0].model(ae["audio_ae"][1])
 
@@ -104,10 +104,10 @@ def autoencoder_metrics(config, data, ae: dict) -> dict:
             ]
         )
         mel = mel * data.mel_stats["std"] + data.mel_stats["mean"]
-        waves = [mel_to_wave(m, sample_rate=sr, hop=config.data.hop) for m in mel]
+        waves = mels_to_waves(mel, sample_rate=sr, hop=config.data.hop)
         out.update(_sync("ae.audio", split.video, waves, fps, sr))
         out["ae.audio_sync_f1"] = out.pop("ae.audio.sync_f1")
-        gt_waves = [mel_to_wave(m, sample_rate=sr, hop=config.data.hop) for m in split.mel]
+        gt_waves = mels_to_waves(split.mel, sample_rate=sr, hop=config.data.hop)
         out["control.gt_mel_griffinlim.sync_f1"] = _sync("x", split.video, gt_waves, fps, sr)[
             "x.sync_f1"
         ]
