@@ -113,3 +113,12 @@ def test_help_describes_every_command():
     data_sub = {a.dest: a for a in sub["data"]._actions}["data_command"].choices
     assert set(data_sub) == {"synth", "ingest", "tokenizer", "latents"}
     assert "--num-clips" in data_sub["synth"].format_help()
+
+
+def test_diffusion_fractions_must_be_probabilities():
+    for bad in ("diffusion.t_uniform=1.5", "diffusion.caption_dropout=-0.1"):
+        with pytest.raises(UserError, match=r"diffusion\.\w+=.*use a value in \[0, 1\]"):
+            load_config("tiny", [bad])
+    with pytest.raises(UserError, match=r"p_clean_audio \+ diffusion\.p_clean_video = 1\.2"):
+        load_config("tiny", ["diffusion.p_clean_audio=0.6", "diffusion.p_clean_video=0.6"])
+    assert load_config("tiny", ["diffusion.t_uniform=0.3"]).diffusion.t_uniform == 0.3

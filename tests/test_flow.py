@@ -77,6 +77,22 @@ def test_shift_and_timestep_distribution():
     assert resolution_shift(256, 1024, base_shift=3.0) == pytest.approx(1.5)
 
 
+def test_uniform_fraction_of_timesteps_reaches_low_noise():
+    key, n = jax.random.key(0), 40000
+    high = sample_t(key, (n,), mean=0.5, shift=3.0)
+    mixed = sample_t(key, (n,), mean=0.5, shift=3.0, uniform=0.3)
+    # the shifted logit-normal alone almost never trains below t = 0.2 ...
+    assert float(jnp.mean(high < 0.2)) < 0.01
+    # ... a 30% uniform share puts ~0.3 * 0.2 of the draws there, and leaves the rest alone
+    assert float(jnp.mean(mixed < 0.2)) == pytest.approx(
+        0.3 * 0.2 + float(jnp.mean(high < 0.2)) * 0.7, abs=0.01
+    )
+    assert float(jnp.mean(mixed == high)) == pytest.approx(0.7, abs=0.01)
+    all_uniform = sample_t(key, (n,), mean=0.5, shift=3.0, uniform=1.0)
+    assert float(all_uniform.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(all_uniform.min()) > 0.0 and float(all_uniform.max()) < 1.0
+
+
 def test_interpolation_endpoints_and_velocity():
     x0, eps = jnp.full((2, 3), 2.0), jnp.full((2, 3), -1.0)
     np.testing.assert_allclose(interpolate(x0, eps, jnp.zeros(2)), x0)

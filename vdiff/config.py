@@ -163,6 +163,35 @@ def check_static(config: ml_collections.ConfigDict) -> None:
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
                 f"(0, data.resolution={res}]; or 0 to train on whole frames"
             )
+    _check_probabilities(config)
+
+
+_PROBABILITIES = (
+    "caption_dropout",
+    "p_clean_audio",
+    "p_clean_video",
+    "p_no_cross_modal",
+    "t_uniform",
+)
+
+
+def _check_probabilities(config: ml_collections.ConfigDict) -> None:
+    """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one)."""
+    d = config.get("diffusion")
+    if d is None:
+        return
+    for name in _PROBABILITIES:
+        p = d.get(name, 0.0)
+        if not 0.0 <= p <= 1.0:
+            raise UserError(
+                f"diffusion.{name}={p} is a fraction of examples; use a value in [0, 1]"
+            )
+    clean = d.get("p_clean_audio", 0.0) + d.get("p_clean_video", 0.0)
+    if clean > 1.0:
+        raise UserError(
+            f"diffusion.p_clean_audio + diffusion.p_clean_video = {clean} > 1: they split one "
+            "draw per example; lower one of them"
+        )
 
 
 def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

@@ -21,11 +21,22 @@ from vdiff.models.text_encoder import PAD_ID
 
 
 def sample_t(
-    rng: jax.Array, shape, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
+    rng: jax.Array,
+    shape,
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    uniform: float = 0.0,
 ) -> jax.Array:
-    """Logit-normal timesteps in (0, 1), then shifted."""
-    t = jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape, jnp.float32))
-    return shift_t(t, shift)
+    """Logit-normal timesteps in (0, 1), then shifted; with probability ``uniform`` a
+    timestep is instead uniform on (0, 1) (unshifted), which keeps the low-noise end,
+    where outlines are finished, in training when the logit-normal sits at high noise."""
+    t = shift_t(jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape, jnp.float32)), shift)
+    if uniform <= 0:
+        return t
+    k_mix, k_u = jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
+    u = jax.random.uniform(k_u, shape, jnp.float32, minval=1e-3, maxval=1.0 - 1e-3)
+    return jnp.where(jax.random.uniform(k_mix, shape) < uniform, u, t)
 
 
 def resolution_shift(num_tokens: int, base_tokens: int, base_shift: float = 1.0) -> float:
@@ -109,7 +120,7 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     tokens = jnp.where(drop[:, None], empty_tok, tokens)
     mask = jnp.where(drop[:, None], empty_mask, mask)
 
-    t = sample_t(k_t, (b,), d.t_mean, d.t_std, d.shift)
+    t = sample_t(k_t, (b,), d.t_mean, d.t_std, d.shift, d.get("t_uniform", 0.0))
     eps_v = jax.random.normal(k_ev, x0_v.shape, jnp.float32).astype(x0_v.dtype)
     zero = jnp.zeros((b,), bool)
     clean_audio = clean_video = zero
