@@ -87,12 +87,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     m.rope_time_scale = 25.0  # temporal RoPE units per second (shared by video and audio tokens)
     m.rope_theta = 10000.0  # RoPE base period
+    m.abs_pos = False  # add absolute (edge / clip-start) position features to video tokens
 
     # --- flow matching.
     c.diffusion = f = ml_collections.ConfigDict()
     f.t_mean = 0.0  # logit-normal location
     f.t_std = 1.0
     f.shift = 1.0  # timestep shift (>1 spends more steps at high noise)
+    f.t_uniform = 0.0  # fraction of timesteps drawn uniform on (0, 1) instead (low noise too)
     f.caption_dropout = 0.1
     f.audio_loss_weight = 1.0
     f.p_clean_audio = 0.1  # audio -> video batches
@@ -130,6 +132,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     s.shift = 1.0
     s.seed = 0
     s.num_prompts = 32  # val prompts in the report
+    s.renoise_t = (0.3, 0.6)  # report: denoise val clips re-noised to these t (diagnostic)
     s.use_ema = True
 
     # --- mesh: axis sizes (one may be -1 = fill) and logical -> mesh rules.

@@ -32,7 +32,7 @@ def small_cfg(**model):
     m.text_width, m.text_depth, m.text_heads = 32, 1, 2
     m.attention = "xla"
     # The model's own defaults, not the tiny recipe's choices (cross text, 2-latent audio tokens).
-    m.patch, m.audio_patch, m.text_attention = (1, 2, 2), 1, "joint"
+    m.patch, m.audio_patch, m.text_attention, m.abs_pos = (1, 2, 2), 1, "joint", False
     cfg.vae.latent_channels = cfg.audio_ae.latent_channels = 4
     cfg.data.vocab_size = 64
     for k, v in model.items():
@@ -274,3 +274,19 @@ def test_per_example_cross_modal_flag_matches_the_global_flag():
     for stream in (0, 1):  # video, audio
         np.testing.assert_allclose(mixed[stream][0], on[stream][0], atol=1e-5)
         np.testing.assert_allclose(mixed[stream][1], off[stream][1], atol=1e-5)
+
+
+def test_absolute_position_features_tell_edges_and_the_first_frame_apart():
+    # RoPE is relative only: on a latent that is the same everywhere, every video token
+    # attends to identical values and computes the same velocity. model.abs_pos gives
+    # each token its distance from the edges and from the clip start.
+    x = inputs()
+    x["video"] = jnp.broadcast_to(x["video"][:, :1, :1, :1], x["video"].shape)
+    del x["audio"], x["t_audio"]
+    spread = {}
+    for abs_pos in (False, True):
+        v, _ = call(build(abs_pos=abs_pos, text_attention="cross"), x)
+        tokens = patchify(v, (1, 2, 2))
+        spread[abs_pos] = float(jnp.abs(tokens - tokens[:, :1]).max())
+    assert spread[False] < 1e-5
+    assert spread[True] > 1e-3

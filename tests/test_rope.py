@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from vdiff.models.rope import (
+    ABS_FEATURES,
+    absolute_video_features,
     apply_rope,
     audio_positions,
     audio_token_times,
@@ -100,3 +102,22 @@ def test_audio_token_times_are_span_midpoints():
     np.testing.assert_allclose(audio_token_times(4, 2, 25.0), [0.04, 0.12], rtol=1e-6)
     with pytest.raises(ValueError, match="audio_patch"):
         audio_token_times(5, 2, 25.0)
+
+
+def test_absolute_features_are_mirror_symmetric_and_flag_the_first_frame():
+    times = np.array([0.0, 0.3125, 0.8125], np.float32)
+    f = np.asarray(absolute_video_features(times, (4, 6)))[0].reshape(3, 4, 6, ABS_FEATURES)
+    assert np.isfinite(f).all()
+    np.testing.assert_array_equal(
+        f[..., -1], np.broadcast_to(np.arange(3)[:, None, None] == 0, (3, 4, 6))
+    )
+    # time features depend on the temporal token only
+    np.testing.assert_allclose(f[:, 0, 0, :10], f[:, 3, 5, :10])
+    rows, cols = f[..., 10:14], f[..., 14:18]  # sin of row, sin of column
+    np.testing.assert_allclose(rows, -rows[:, ::-1], atol=1e-6)  # row i mirrors row H-1-i
+    np.testing.assert_allclose(cols, -cols[:, :, ::-1], atol=1e-6)
+    np.testing.assert_allclose(f[..., 18:22], f[:, ::-1, :, 18:22], atol=1e-6)  # cos: even
+    # normalised coordinates: a 3x finer grid has the same features at the same place
+    # (token 3i+1 of 12 rows is centred where token i of 4 rows is)
+    big = np.asarray(absolute_video_features(times, (12, 18)))[0].reshape(3, 12, 18, ABS_FEATURES)
+    np.testing.assert_allclose(big[:, 1::3, 1::3], f, atol=1e-5)

@@ -55,6 +55,8 @@ from vdiff.models.layers import (
     modulate,
 )
 from vdiff.models.rope import (
+    ABS_FEATURES,
+    absolute_video_features,
     apply_rope,
     audio_positions,
     audio_token_times,
@@ -275,7 +277,8 @@ class DiT(nnx.Module):
         cross_modal: bool = True, attention_backend: str = "auto", scan_layers: bool = True,
         remat: str = "none", fps: float = 8.0, temporal_down: int = 4,
         audio_latents_per_second: float = 25.0, rope_time_scale: float = 25.0,
-        rope_theta: float = 10000.0, dtype=jnp.float32, param_dtype=jnp.float32,
+        rope_theta: float = 10000.0, abs_pos: bool = False, dtype=jnp.float32,
+        param_dtype=jnp.float32,
     ):  # fmt: skip
         if text_attention not in ("joint", "cross"):
             raise ValueError(f"model.text_attention={text_attention!r}: use 'joint' or 'cross'")
@@ -317,6 +320,9 @@ class DiT(nnx.Module):
             out_sharding=("embed",),
         )
         self.video_out = FinalLayer(width, pdim, **kw)
+        self.abs_pos = bool(abs_pos)
+        if self.abs_pos:  # absolute place of each video token (see absolute_video_features)
+            self.video_abs_pos = Dense(ABS_FEATURES, width, (None, "embed"), **kw)
         streams = ["video"]
         if audio_channels:
             adim = self.audio_patch * audio_channels
@@ -357,6 +363,7 @@ class DiT(nnx.Module):
             temporal_down=cfg.vae.temporal_down,
             audio_latents_per_second=cfg.data.sample_rate / cfg.data.hop / cfg.audio_ae.time_down,
             rope_time_scale=m.get("rope_time_scale", 25.0), rope_theta=m.get("rope_theta", 10000.0),
+            abs_pos=m.get("abs_pos", False),
             dtype=jnp.dtype(cfg.train.get("compute_dtype", "float32")),
             param_dtype=jnp.dtype(cfg.train.get("param_dtype", "float32")),
         )  # fmt: skip
@@ -480,6 +487,10 @@ class DiT(nnx.Module):
         if video_times is None:
             video_times = video_token_times(tl, pt, self.fps, self.temporal_down)
         xs = {"video": self.video_embed(patchify(video, self.patch)) + self.video_modality[...]}
+        if self.abs_pos:
+            xs["video"] = xs["video"] + self.video_abs_pos(
+                absolute_video_features(video_times, grid[1:])
+            ).astype(xs["video"].dtype)
         rope = dict(time_scale=self.rope_time_scale, theta=self.rope_theta)
         angles = {"video": rope_angles(video_positions(video_times, grid[1:]), head_dim, **rope)}
         c_base = self.pool_fc2(jax.nn.silu(self.pool_fc1(pooled)))

@@ -153,3 +153,41 @@ def audio_token_times(num_latents: int, patch: int, latents_per_second: float) -
         )
     n = num_latents // patch
     return ((np.arange(n) + 0.5) * patch / latents_per_second).astype(np.float32)
+
+
+ABS_TIME_PERIODS = (8.0, 4.0, 2.0, 1.0, 0.5)  # seconds
+ABS_SPACE_FREQS = (0.5, 1.0, 2.0, 4.0)  # x pi, on coordinates normalised to [-1, 1]
+ABS_FEATURES = 2 * len(ABS_TIME_PERIODS) + 4 * len(ABS_SPACE_FREQS) + 1
+
+
+def absolute_video_features(times: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+    """Where each video token sits in absolute terms, for ``model.abs_pos``.
+
+    RoPE only tells a token how far it is from another; these features tell it how far
+    it is from the frame's edges and from the clip's start (walls and the first latent
+    frame, which a causal VAE codes from one frame alone). Rows/columns are normalised
+    to [-1, 1] (token centres), so the same features describe any bucket size;
+    time is in seconds. Layout: sin/cos of time at :data:`ABS_TIME_PERIODS`, sin/cos of
+    row and column at :data:`ABS_SPACE_FREQS`, and a first-temporal-token flag.
+
+    Args:
+        times: seconds of each temporal video token, ``(Tt,)`` or ``(B, Tt)``.
+        grid_hw: ``(Ht, Wt)`` patch grid.
+
+    Returns:
+        ``(B|1, Tt * Ht * Wt, ABS_FEATURES)`` float32, in patchify order.
+    """
+    pos = video_positions(times, grid_hw)  # (B, N, 3): seconds, row, column
+    b, n, _ = pos.shape
+    tt = n // (grid_hw[0] * grid_hw[1])
+    w_t = jnp.asarray([2 * np.pi / p for p in ABS_TIME_PERIODS], jnp.float32)
+    w_s = jnp.asarray([np.pi * f for f in ABS_SPACE_FREQS], jnp.float32)
+    sizes = jnp.asarray([grid_hw[0], grid_hw[1]], jnp.float32)
+    rc = (pos[..., 1:] + 0.5) / sizes * 2.0 - 1.0  # (B, N, 2) in (-1, 1)
+    at = pos[..., :1] * w_t  # (B, N, 5)
+    asp = (rc[..., :, None] * w_s).reshape(b, n, -1)  # (B, N, 8)
+    first = jnp.broadcast_to(
+        (jnp.arange(tt) == 0).repeat(grid_hw[0] * grid_hw[1]).astype(jnp.float32)[None, :, None],
+        (b, n, 1),
+    )
+    return jnp.concatenate([jnp.sin(at), jnp.cos(at), jnp.sin(asp), jnp.cos(asp), first], axis=-1)
