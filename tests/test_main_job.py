@@ -35,6 +35,8 @@ def test_report_has_metrics_controls_and_clips(workdir):
         "oracle.colour_acc",
         "oracle.heldout.colour_acc",
         "oracle.cfg1.colour_acc",
+        "oracle.renoised_0.3.shape_acc",
+        "oracle.renoised_0.6.direction_acc",
         "control.gt.colour_acc",
         "control.shuffled.colour_acc",
         "control.gt.sync_f1",
@@ -48,6 +50,16 @@ def test_report_has_metrics_controls_and_clips(workdir):
     clips = sorted((workdir / "report" / "clips").glob("*.mp4"))
     assert clips and all(c.stat().st_size > 0 for c in clips)
     assert clips[0].name in html
+    # Sync groups say whether they saw enough bounces to mean anything, and the page warns.
+    flags = {
+        k.removesuffix(".sync_measurable"): v
+        for k, v in metrics.items()
+        if k.endswith(".sync_measurable")
+    }
+    assert "control.gt" in flags
+    for group, flag in flags.items():
+        assert flag == float(metrics[f"{group}.sync_n_bounces"] >= 20), group
+    assert ("Sync not measurable" in html) == (0.0 in flags.values())
 
 
 def test_every_stage_checkpointed_and_logged(workdir):

@@ -94,6 +94,20 @@ def test_integration_of_a_constant_velocity_is_exact(sampler, text):
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sampling_from_t_start_integrates_only_that_span(sampler, text):
+    # A clip re-noised to t = 0.3 moves by 0.3 x velocity on the way to t = 0, not by 1.
+    start = {k: jnp.full(v, 2.0) for k, v in SHAPES.items()}
+    out = sample(
+        ConstantVelocity(), *text, SHAPES, None, steps=5, cfg=2.0, sampler=sampler,
+        shift=3.0, noise=start, t_start=0.3,
+    )  # fmt: skip
+    for k in SHAPES:
+        np.testing.assert_allclose(out[k], 2.0 - 0.5 * 0.3, atol=1e-5)
+    with pytest.raises(ValueError, match="t_start must be in"):
+        sample(ConstantVelocity(), *text, SHAPES, None, noise=start, t_start=0.0)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_sampling_is_deterministic_for_a_seed(sampler, model, text):
     def run(seed):
         return sample(model, *text, SHAPES, jax.random.key(seed), steps=3, cfg=3.0, sampler=sampler)

@@ -102,6 +102,8 @@ class Generator:
         audio: bool = True,
         cross_modal: bool | None = None,
         prompt_ids: list[int] | None = None,
+        start_videos: np.ndarray | None = None,
+        t_start: float = 1.0,
     ) -> dict[str, np.ndarray]:
         """Prompts -> {"video": uint8 (N,T,H,W,3), "audio": float32 (N, S) or absent}.
 
@@ -110,6 +112,10 @@ class Generator:
         and seed give the same clip whatever the batch it is generated in (up to
         float rounding of the batched matmuls). ``cross_modal=False`` generates video
         and audio with their mutual attention masked (the sync ablation).
+
+        ``start_videos`` (uint8 ``(N, T, H, W, 3)``, one per prompt) re-noises real
+        clips' latents to ``t_start`` and samples from there, video only: a diagnostic
+        of which noise level loses what (the report's ``oracle.renoised_*``).
         """
 
         c, s = self.config, self.config.sample
@@ -137,12 +143,19 @@ class Generator:
         audio_shape = (
             (mel_len // c.audio_ae.time_down, c.audio_ae.latent_channels) if with_audio else None
         )
+        if start_videos is not None:
+            if len(start_videos) != len(prompts):
+                raise ValueError(f"{len(start_videos)} start_videos for {len(prompts)} prompts")
+            with_audio, audio_shape = False, None
         tokens, mask = self.tokenizer.encode(list(prompts), c.data.caption_len)
         videos, waves = [], []
         for i in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - i)
             ids = range(i, i + n) if prompt_ids is None else prompt_ids[i : i + n]
             rngs = [noise_key(seed, int(k)) for k in ids]
+            start = None
+            if start_videos is not None:
+                start = self.encode(start_videos[i : i + n]), t_start
             out = self._sample_batch(
                 tokens[i : i + n],
                 mask[i : i + n],
@@ -153,6 +166,7 @@ class Generator:
                 steps,
                 sampler,
                 cross_modal,
+                start,
             )
             videos.append(out["video"])
             if with_audio:
@@ -163,12 +177,18 @@ class Generator:
         return result
 
     def _sample_batch(
-        self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal
-    ):
+        self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal,
+        start=None,
+    ):  # fmt: skip
         from vdiff.diffusion.samplers import per_example_noise, sample
 
         n = len(rngs)
         # Each example's noise comes from its own key; then one batched sampler call.
+        noise = per_example_noise(rngs, video_shape, audio_shape)
+        t_start = 1.0
+        if start is not None:  # (clean normalised latents, t): x_t = (1 - t) x0 + t eps
+            x0, t_start = start
+            noise["video"] = (1.0 - t_start) * x0 + t_start * noise["video"]
         out = sample(
             self.dit,
             jnp.asarray(tokens),
@@ -183,10 +203,18 @@ class Generator:
             audio_cfg=self.config.sample.audio_cfg if cfg != 1.0 else None,
             sampler=sampler,
             shift=self.config.sample.shift,
-            noise=per_example_noise(rngs, video_shape, audio_shape),
+            noise=noise,
             cross_modal=cross_modal,
+            t_start=t_start,
         )
         return self.decode(out["video"], out["audio"] if audio_shape is not None else None)
+
+    def encode(self, videos: np.ndarray) -> jax.Array:
+        """uint8 clips ``(B, T, H, W, 3)`` -> normalised video latents (the encoder mean)."""
+        from vdiff.models.video_vae import normalize
+
+        z = _encode_video(self.vae, jnp.asarray(videos))
+        return normalize(z, {k: jnp.asarray(v) for k, v in self.latent_stats["video"].items()})
 
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
@@ -281,6 +309,11 @@ def dit_checkpoint_steps(workdir: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@nnx.jit
+def _encode_video(vae, videos):
+    return vae.encode(videos.astype(jnp.float32) / 127.5 - 1.0)[0]
 
 
 @nnx.jit

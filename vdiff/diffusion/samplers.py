@@ -158,6 +158,7 @@ def sample(
     clean_audio: jax.Array | None = None,
     noise: dict | None = None,
     cross_modal: bool | None = None,
+    t_start: float = 1.0,
 ) -> dict:
     """Samples latents from noise; deterministic for a given ``rng``.
 
@@ -180,6 +181,10 @@ def sample(
             example's clip does not depend on the batch it is sampled in.
         cross_modal: override of the model's audio<->video attention (False: the
             masked-attention ablation).
+        t_start: integrate from this time instead of 1 (the grid is the usual one
+            scaled to ``[0, t_start]``); ``noise`` must then hold the latents at
+            ``t_start``, e.g. ``(1 - t_start) x0 + t_start eps`` of real clips: how
+            much of a clip's content the model keeps from that noise level on.
 
     Returns:
         ``{"video": (B,T',H',W',C), "audio": (B,Ta,Ca) or None}`` latents; a clean
@@ -212,6 +217,8 @@ def sample(
             raise ValueError(
                 f"noise shapes {jax.tree.map(jnp.shape, noise)} != {video_shape}, {audio_shape}"
             )
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must be in (0, 1], got {t_start}")
     guided = cfg is not None
     video_scale = 1.0 if cfg is None else float(cfg)
     audio_scale = video_scale if audio_cfg is None else float(audio_cfg)
@@ -219,7 +226,7 @@ def sample(
     graphdef, state = nnx.split(model)
     out_v, out_a = _sample_jit(
         graphdef, state, tokens, mask.astype(bool), xv, xa, clean_video, clean_audio,
-        jnp.asarray(time_grid(steps, shift)), scales, sampler=sampler, guided=guided,
+        jnp.asarray(time_grid(steps, shift) * t_start), scales, sampler=sampler, guided=guided,
         cross_modal=cross_modal,
     )  # fmt: skip
     return {

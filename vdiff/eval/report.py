@@ -3,7 +3,9 @@
 ``WORKDIR/report/metrics.json`` holds flat keys:
 - ``ae.*``: autoencoder reconstruction on held-out clips (video PSNR/SSIM, audio sync F1).
 - ``oracle.*``: generated clips for val prompts at the configured guidance;
-  ``oracle.heldout.*`` for held-out colour x shape pairs; ``oracle.cfg1.*`` with guidance off.
+  ``oracle.heldout.*`` for held-out colour x shape pairs; ``oracle.cfg1.*`` with guidance off;
+  ``oracle.renoised_<t>.*`` for the val clips' own latents re-noised to t and denoised from
+  there (``sample.renoise_t``): the noise level from which an attribute is lost.
 - ``control.gt.*``: the oracle on ground-truth val clips (must be ~1);
   ``control.shuffled.*``: ground-truth clips scored against shuffled captions/audio (chance).
 """
@@ -36,12 +38,20 @@ def _prefixed(prefix: str, scores: dict) -> dict:
     }
 
 
+# Fewer detected bounces than this make an F1 (and its shuffled floor) too coarse to
+# compare: with 2 bounces one lucky onset moves F1 by ~0.3 of its range.
+MIN_SYNC_BOUNCES = 20
+
+
 def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
     """Sync scores plus event counts. With no onset and no bounce at all (e.g. blank
-    generated clips) there is nothing to be in sync, so the scores are NaN, not 1."""
+    generated clips) there is nothing to be in sync, so the scores are NaN, not 1.
+    ``sync_measurable`` is 1.0 when at least :data:`MIN_SYNC_BOUNCES` bounces were
+    detected in the video, else 0.0 (then read the scores as "not measured")."""
     s = sync_scores_many([(v, fps, a, sr) for v, a in zip(videos, audios)])
     keys = ("precision", "recall", "f1", "offset_ms", "binding_acc", "n_onsets", "n_bounces")
     out = {f"{prefix}.sync_{k}": float(s[k]) for k in keys}
+    out[f"{prefix}.sync_measurable"] = float(s["n_bounces"] >= MIN_SYNC_BOUNCES)
     if s["n_onsets"] == 0 and s["n_bounces"] == 0:
         out.update({f"{prefix}.sync_{k}": float("nan") for k in ("precision", "recall", "f1")})
     return out
@@ -127,14 +137,17 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     rng = np.random.default_rng(config.seed)
     rows = []
 
-    def run(split_name: str, prefix: str, cfg: float, save: bool, cross_modal=None):
+    def run(split_name: str, prefix: str, cfg: float, save: bool, cross_modal=None, t_start=1.0):
         if split_name not in data.parts:
             return
         split = data.split(split_name)
         k = min(n, len(split))
         prompts = split.captions[:k]
         t = time.time()
-        out = gen.generate(prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal)
+        start = dict(start_videos=split.video[:k], t_start=t_start) if t_start < 1.0 else {}
+        out = gen.generate(
+            prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal, **start
+        )
         metrics[f"{prefix}.seconds_per_clip"] = (time.time() - t) / k
         metrics.update(_prefixed(prefix, score_clips(list(zip(out["video"], prompts)))))
         if "audio" in out:
@@ -169,6 +182,10 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
     if gen.audio_ae is not None and gen.dit.has_audio:
         # Sync ablation: the same model and noise with audio<->video attention masked.
         run("val", "oracle.nocross", cfg, save=True, cross_modal=False)
+    # Where the model loses what: the val clips' own latents re-noised to t and denoised
+    # from there (t = 1 would be plain generation; small t keeps most of the real clip).
+    for t_start in config.sample.get("renoise_t", ()):
+        run("val", f"oracle.renoised_{t_start:g}", cfg, save=False, t_start=float(t_start))
 
     # Controls on ground truth: the oracle itself, then shuffled captions / audio.
     split = data.split("val")
@@ -229,9 +246,17 @@ def _write_html(report: Path, metrics: dict, rows: list[dict]) -> None:
 colour {r["colour_acc"]:.2f} shape {r["shape_acc"]:.2f} direction {r["direction_acc"]:.2f} bg {r["background_acc"]:.2f}</figcaption></figure>"""
         for r in rows
     )
+    thin = sorted(k.removesuffix(".sync_measurable") for k, v in metrics.items()
+                  if k.endswith(".sync_measurable") and v == 0.0)  # fmt: skip
+    warn = (
+        f"<p><b>Sync not measurable</b> (fewer than {MIN_SYNC_BOUNCES} bounces detected in the "
+        f"video) for: {html.escape(', '.join(thin))}. Their sync scores are not evidence either way.</p>"
+        if thin
+        else ""
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vdiff report</title>
 <style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:8px;vertical-align:top;width:400px}}
 video{{image-rendering:pixelated}} img{{image-rendering:pixelated;display:block}} td{{padding:2px 8px}}</style></head>
 <body><h1>vdiff report</h1><p>Groups: {html.escape(", ".join(groups))}</p>
-<h2>Metrics</h2><table>{table}</table><h2>Samples</h2>{cards}</body></html>"""
+{warn}<h2>Metrics</h2><table>{table}</table><h2>Samples</h2>{cards}</body></html>"""
     (report / "index.html").write_text(page)
