@@ -146,6 +146,11 @@ class Generator:
         if start_videos is not None:
             if len(start_videos) != len(prompts):
                 raise ValueError(f"{len(start_videos)} start_videos for {len(prompts)} prompts")
+            if tuple(start_videos.shape[1:4]) != (num_frames, height, width):
+                raise ValueError(
+                    f"start_videos are {tuple(start_videos.shape[1:4])} (frames, height, width); "
+                    f"sampling asks for {(num_frames, height, width)}"
+                )
             with_audio, audio_shape = False, None
         tokens, mask = self.tokenizer.encode(list(prompts), c.data.caption_len)
         videos, waves = [], []
