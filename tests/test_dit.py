@@ -14,6 +14,7 @@ from vdiff.models.flops import (
     text_encoder_flops,
     train_flops_per_example,
 )
+from vdiff.models.rope import ABS_FEATURES
 from vdiff.parallel import sharding
 from vdiff.parallel.mesh import make_mesh
 
@@ -240,10 +241,11 @@ def test_sharded_forward_matches_single_device(devices, shape):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_flops_match_compiled_forward_and_param_count():
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_flops_match_compiled_forward_and_param_count(abs_pos):
     # Unscanned: XLA's cost analysis counts a while-loop body once, not per layer.
-    cfg = small_cfg(scan_layers=False)
-    model = build(scan_layers=False)
+    cfg = small_cfg(scan_layers=False, abs_pos=abs_pos)
+    model = build(scan_layers=False, abs_pos=abs_pos)
     x = inputs(batch=1)
     audio_kw = dict(audio=x["audio"], t_audio=x["t_audio"])
     graphdef, state = nnx.split(model)
@@ -259,11 +261,14 @@ def test_flops_match_compiled_forward_and_param_count():
     assert 0.75 < ours / xla_flops <= 1.0, (ours, xla_flops)
     assert train_flops_per_example(cfg, VSHAPE, TA, L) == pytest.approx(3 * ours)
     # Adding 10 words to the vocabulary adds exactly 10 embedding rows.
-    bigger = small_cfg()
+    bigger = small_cfg(abs_pos=abs_pos)
     bigger.data.vocab_size += 10
     n0 = param_count(DiT.from_config(cfg, rngs(0)))
     n1 = param_count(DiT.from_config(bigger, rngs(0)))
     assert n1 - n0 == 10 * cfg.model.text_width
+    if abs_pos:  # and the features' projection is what abs_pos adds
+        without = param_count(DiT.from_config(small_cfg(scan_layers=False), rngs(0)))
+        assert n0 - without == (ABS_FEATURES + 1) * cfg.model.width
 
 
 def test_per_example_cross_modal_flag_matches_the_global_flag():

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vdiff.models.rope import ABS_FEATURES
+
 
 def _mm(m: float, k: float, n: float) -> float:
     return 2.0 * m * k * n
@@ -72,6 +74,8 @@ def dit_forward_flops(cfg, video_shape, audio_len: int | None, text_len: int) ->
         )
     flops = depth * per_layer
     flops += _mm(nv, pdim, w) * 2 + _mm(1, w, 2 * w)  # video embed, final layer, its adaLN
+    if m.get("abs_pos", False):
+        flops += _mm(nv, ABS_FEATURES, w)  # absolute position features -> width
     if audio_on:
         flops += _mm(na, adim, w) * 2 + _mm(1, w, 2 * w)
     flops += _mm(text_len, m.text_width, w)  # text projection

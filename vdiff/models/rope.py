@@ -179,15 +179,13 @@ def absolute_video_features(times: jax.Array, grid_hw: tuple[int, int]) -> jax.A
     """
     pos = video_positions(times, grid_hw)  # (B, N, 3): seconds, row, column
     b, n, _ = pos.shape
-    tt = n // (grid_hw[0] * grid_hw[1])
     w_t = jnp.asarray([2 * np.pi / p for p in ABS_TIME_PERIODS], jnp.float32)
     w_s = jnp.asarray([np.pi * f for f in ABS_SPACE_FREQS], jnp.float32)
     sizes = jnp.asarray([grid_hw[0], grid_hw[1]], jnp.float32)
     rc = (pos[..., 1:] + 0.5) / sizes * 2.0 - 1.0  # (B, N, 2) in (-1, 1)
     at = pos[..., :1] * w_t  # (B, N, 5)
     asp = (rc[..., :, None] * w_s).reshape(b, n, -1)  # (B, N, 8)
-    first = jnp.broadcast_to(
-        (jnp.arange(tt) == 0).repeat(grid_hw[0] * grid_hw[1]).astype(jnp.float32)[None, :, None],
-        (b, n, 1),
-    )
-    return jnp.concatenate([jnp.sin(at), jnp.cos(at), jnp.sin(asp), jnp.cos(asp), first], axis=-1)
+    # patchify order is (t, h, w): the first Ht * Wt tokens are the first temporal token
+    first = jnp.broadcast_to((jnp.arange(n) < grid_hw[0] * grid_hw[1])[None, :, None], (b, n, 1))
+    parts = [jnp.sin(at), jnp.cos(at), jnp.sin(asp), jnp.cos(asp), first.astype(jnp.float32)]
+    return jnp.concatenate(parts, axis=-1)
