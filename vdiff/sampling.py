@@ -218,8 +218,8 @@ class Generator:
         """uint8 clips ``(B, T, H, W, 3)`` -> normalised video latents (the encoder mean)."""
         from vdiff.models.video_vae import normalize
 
-        z = _encode_video(self.vae, jnp.asarray(videos))
-        return normalize(z, {k: jnp.asarray(v) for k, v in self.latent_stats["video"].items()})
+        z = encode_video_mean(self.vae, jnp.asarray(videos))
+        return normalize(z, self.latent_stats["video"])
 
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
@@ -317,8 +317,11 @@ def dit_checkpoint_steps(workdir: Path) -> list[int]:
 
 
 @nnx.jit
-def _encode_video(vae, videos):
-    return vae.encode(videos.astype(jnp.float32) / 127.5 - 1.0)[0]
+def encode_video_mean(vae, videos):
+    """uint8 clips ``(B, T, H, W, 3)`` -> the video VAE's latent means (not normalised)."""
+    from vdiff.models.video_vae import from_pixels
+
+    return vae.encode(from_pixels(videos))[0]
 
 
 @nnx.jit

@@ -19,6 +19,7 @@ import scipy.linalg
 from flax import nnx
 
 from vdiff.diffusion.flow import interpolate
+from vdiff.sampling import encode_video_mean
 
 # Noise levels of the held-out loss: midpoints of K equal bins of (0, 1).
 FLOW_GRID_POINTS = 8
@@ -50,12 +51,6 @@ def nfe(steps: int, sampler: str, cfg: float) -> int:
 
 
 @nnx.jit
-def _encode_mean(vae, x):
-    mean, _ = vae.encode(x.astype(jnp.float32) / 127.5 - 1.0)
-    return mean
-
-
-@nnx.jit
 def _encode_audio_mean(audio_ae, mel):
     return audio_ae.encode(mel)[0]
 
@@ -75,7 +70,7 @@ def _padded_batches(fn, module, arrays: np.ndarray, batch: int) -> np.ndarray:
 
 def vae_latents(vae, videos: np.ndarray, batch: int = 16) -> np.ndarray:
     """Encoder means ``(N, T', H', W', C)`` of uint8 clips ``(N, T, H, W, 3)``."""
-    return _padded_batches(_encode_mean, vae, videos, batch)
+    return _padded_batches(encode_video_mean, vae, videos, batch)
 
 
 def pooled_features(latents: np.ndarray) -> np.ndarray:

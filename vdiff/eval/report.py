@@ -26,6 +26,7 @@ from flax import nnx
 from vdiff.eval.oracle import score_clips
 from vdiff.eval.sync import sync_scores_many
 from vdiff.models.losses import psnr, ssim
+from vdiff.models.video_vae import from_pixels
 from vdiff.sampling import Generator, write_clip
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def clip_scores(video, caption: str, fps: float, audio=None, sr: int = 16000) ->
 
 @nnx.jit
 def _recon_scores(vae, x):
-    x = x.astype(jnp.float32) / 127.5 - 1.0
+    x = from_pixels(x)
     mean, _ = vae.encode(x)
     y = vae.decode(mean, num_frames=x.shape[1])
     return psnr(y, x), ssim(y, x)

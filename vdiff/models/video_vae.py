@@ -85,6 +85,11 @@ def compute_latent_stats(means: jax.Array) -> dict[str, jax.Array]:
     return {"shift": flat.mean(0), "scale": 1.0 / (flat.std(0) + 1e-6)}
 
 
+def from_pixels(x: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], the VAE's input range (on device, so hosts ship bytes)."""
+    return x.astype(jnp.float32) / 127.5 - 1.0
+
+
 def normalize(z: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
     """Maps VAE latents to roughly zero-mean unit-variance per channel."""
     return (z - stats["shift"]) * stats["scale"]

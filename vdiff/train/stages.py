@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.losses import audio_ae_loss, vae_loss
-from vdiff.models.video_vae import VideoVAE, compute_latent_stats, normalize
+from vdiff.models.video_vae import VideoVAE, compute_latent_stats, from_pixels, normalize
 from vdiff.train.data import Data
 from vdiff.train.engine import Engine, OptimConfig
 from vdiff.train.loop import ArraySource, run_stage
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 
 def _per_process(batch_size: int) -> int:
     return batch_size // jax.process_count()
-
-
-def _video_float(x: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1] (done on device, so the host ships bytes)."""
-    return x.astype(jnp.float32) / 127.5 - 1.0
 
 
 def _stage_engine(
@@ -94,7 +89,7 @@ def video_vae_engine(config, mesh) -> Engine:
         if crop:
             rng, crop_rng = jax.random.split(rng)
             x = random_crops(x, crop_rng, crop, config.vae.spatial_down)
-        return vae_loss(model, _video_float(x), rng, kl)
+        return vae_loss(model, from_pixels(x), rng, kl)
 
     return _stage_engine(
         config,
@@ -188,7 +183,7 @@ def _batched(fn, arrays: list[np.ndarray], batch: int) -> np.ndarray:
 # checkpoint of the same architecture reuses the compiled function.
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_video(graphdef, params, x):
-    return nnx.merge(graphdef, params).encode(_video_float(x))[0]
+    return nnx.merge(graphdef, params).encode(from_pixels(x))[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -344,7 +339,7 @@ def clip_encoder(config, ae: dict, stats: dict):
 
     def encode(batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k not in ("video", "mel")}
-        z = nnx.merge(*video).encode(_video_float(batch["video"]))[0]
+        z = nnx.merge(*video).encode(from_pixels(batch["video"]))[0]
         out["video_latents"] = norm(z, stats["video"])
         if audio is not None and "mel" in batch:
             za = nnx.merge(*audio).encode(batch["mel"])[0]
