@@ -330,3 +330,35 @@ def test_sample_cli_from_bundle(bundles, tmp_path):
     assert audio is not None and sr == 16000
     with pytest.raises(UserError, match="--height does not apply to --bundle"):
         cli.run([*args, "--height", "64"])
+
+
+def test_renoised_start_mixes_the_clip_with_the_generation_noise(generator, monkeypatch):
+    # Generator.renoise is where `generate(start_videos=..., t_start=t)` starts and what the
+    # report's control.noisy_<t> rows decode: (1 - t) x0 + t eps, with eps the very noise
+    # plain generation starts from for the same (seed, prompt index).
+    import vdiff.diffusion.samplers as samplers
+    from vdiff.sampling import noise_key
+
+    d = generator.config.data
+    shape = (len(PROMPTS), d.frames, d.resolution, d.resolution, 3)
+    videos = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    rngs = [noise_key(SEED, i) for i in range(len(PROMPTS))]
+    x0 = np.asarray(generator.encode(videos))
+    eps = np.asarray(generator.renoise(videos, 1.0, rngs))
+    np.testing.assert_allclose(generator.renoise(videos, 0.0, rngs), x0)
+    mixed = generator.renoise(videos, 0.3, rngs)
+    np.testing.assert_allclose(mixed, 0.7 * x0 + 0.3 * eps, rtol=1e-5, atol=1e-5)
+    assert np.abs(eps - x0).mean() > 0.5  # the two ends differ: the check above has teeth
+
+    seen = {}
+    real = samplers.sample
+
+    def recording(*args, noise, **kwargs):
+        seen["noise"] = np.asarray(noise["video"])
+        return real(*args, noise=noise, **kwargs)
+
+    monkeypatch.setattr(samplers, "sample", recording)
+    generator.generate(PROMPTS, seed=SEED, steps=1, audio=False)
+    np.testing.assert_array_equal(seen["noise"], eps)
+    with pytest.raises(ValueError, match="keys for"):
+        generator.renoise(videos, 0.5, rngs[:1])

@@ -160,7 +160,7 @@ class Generator:
             rngs = [noise_key(seed, int(k)) for k in ids]
             start = None
             if start_videos is not None:
-                start = self.encode(start_videos[i : i + n]), t_start
+                start = self.renoise(start_videos[i : i + n], t_start, rngs), t_start
             out = self._sample_batch(
                 tokens[i : i + n],
                 mask[i : i + n],
@@ -191,9 +191,8 @@ class Generator:
         # Each example's noise comes from its own key; then one batched sampler call.
         noise = per_example_noise(rngs, video_shape, audio_shape)
         t_start = 1.0
-        if start is not None:  # (clean normalised latents, t): x_t = (1 - t) x0 + t eps
-            x0, t_start = start
-            noise["video"] = (1.0 - t_start) * x0 + t_start * noise["video"]
+        if start is not None:  # (video latents at t, t): sampling starts there
+            noise["video"], t_start = start
         out = sample(
             self.dit,
             jnp.asarray(tokens),
@@ -213,6 +212,20 @@ class Generator:
             t_start=t_start,
         )
         return self.decode(out["video"], out["audio"] if audio_shape is not None else None)
+
+    def renoise(self, videos: np.ndarray, t: float, rngs: list[jax.Array]) -> jax.Array:
+        """uint8 clips -> their normalised latents at noise level t, ``(1 - t) x0 + t eps``.
+
+        ``eps`` is each clip's starting noise from its key in ``rngs`` (one per clip,
+        :func:`noise_key`), the same draw that :meth:`generate` would start from.
+        """
+        from vdiff.diffusion.schedule import per_example_noise
+
+        x0 = self.encode(videos)
+        if len(rngs) != x0.shape[0]:
+            raise ValueError(f"{len(rngs)} keys for {x0.shape[0]} clips")
+        eps = per_example_noise(rngs, x0.shape[1:])["video"]
+        return (1.0 - t) * x0 + t * eps
 
     def encode(self, videos: np.ndarray) -> jax.Array:
         """uint8 clips ``(B, T, H, W, 3)`` -> normalised video latents (the encoder mean)."""

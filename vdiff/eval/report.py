@@ -6,6 +6,9 @@
   ``oracle.heldout.*`` for held-out colour x shape pairs; ``oracle.cfg1.*`` with guidance off;
   ``oracle.renoised_<t>.*`` for the val clips' own latents re-noised to t and denoised from
   there (``sample.renoise_t``): the noise level from which an attribute is lost.
+- ``control.recon.*``: the oracle on the VAE's reconstructions of those val clips (the
+  decoder's ceiling); ``control.noisy_<t>.*``: the re-noised latents decoded without the
+  transformer (what the noise alone leaves; see :func:`_decoder_references`).
 - ``control.gt.*``: the oracle on ground-truth val clips (must be ~1);
   ``control.shuffled.*``: ground-truth clips scored against shuffled captions/audio (chance).
 """
@@ -27,7 +30,7 @@ from vdiff.eval.oracle import score_clips
 from vdiff.eval.sync import sync_scores_many
 from vdiff.models.losses import psnr, ssim
 from vdiff.models.video_vae import from_pixels
-from vdiff.sampling import Generator, write_clip
+from vdiff.sampling import Generator, noise_key, write_clip
 
 log = logging.getLogger(__name__)
 ATTRS = ("colour_acc", "shape_acc", "direction_acc", "background_acc")
@@ -185,8 +188,10 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
         run("val", "oracle.nocross", cfg, save=True, cross_modal=False)
     # Where the model loses what: the val clips' own latents re-noised to t and denoised
     # from there (t = 1 would be plain generation; small t keeps most of the real clip).
-    for t_start in config.sample.get("renoise_t", ()):
-        run("val", f"oracle.renoised_{t_start:g}", cfg, save=False, t_start=float(t_start))
+    renoise_t = [float(t) for t in config.sample.get("renoise_t", ())]
+    for t_start in renoise_t:
+        run("val", f"oracle.renoised_{t_start:g}", cfg, save=False, t_start=t_start)
+    metrics.update(_decoder_references(gen, data.split("val"), n, renoise_t, config.sample.seed))
 
     # Controls on ground truth: the oracle itself, then shuffled captions / audio.
     split = data.split("val")
@@ -217,6 +222,29 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
         _write_html(report, metrics, rows)
     log.info("report: %s", json.dumps({k: round(v, 3) for k, v in metrics.items()}, sort_keys=True))
     return metrics
+
+
+def _decoder_references(gen, split, n: int, renoise_t, seed: int) -> dict:
+    """Oracle scores of val latents decoded without the transformer.
+
+    ``control.recon.*``: the VAE's reconstructions, the most any generated clip can score
+    through this decoder. ``control.noisy_<t>.*``: the latents the ``oracle.renoised_<t>``
+    rows start from (same noise), decoded as they are after undoing the ``1 - t`` scale,
+    ``x0 + t / (1 - t) eps``: what that noise alone leaves. The transformer's denoising
+    from t adds something only where ``oracle.renoised_<t>`` beats ``control.noisy_<t>``.
+    """
+    k = min(n, len(split))
+    videos, prompts = split.video[:k], split.captions[:k]
+    out = {}
+    for t in (0.0, *renoise_t):
+        clips = []
+        for i in range(0, k, 16):
+            rngs = [noise_key(seed, j) for j in range(i, min(i + 16, k))]
+            z = gen.renoise(videos[i : i + 16], t, rngs) / (1.0 - t)
+            clips.append(gen.decode(z)["video"])
+        name = "control.recon" if t == 0.0 else f"control.noisy_{t:g}"
+        out.update(_prefixed(name, score_clips(list(zip(np.concatenate(clips), prompts)))))
+    return out
 
 
 def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
