@@ -46,6 +46,11 @@ updates at logit-normal(0, 1) 0.28 / 0.02 / 0.03, at (0, 1) with shift 2 0.52 / 
 / 0.08; depth 8 or width 192 at the same wall time (1250 updates) 0.27 / 0.01 / 0.02
 and 0.12 / 0.0 / 0.0; 6000 updates 0.87 / 0.15 / 0.09. ``diffusion.t_uniform`` and
 ``model.abs_pos`` stay off: 0.60 / 0.05 / 0.00 (t_uniform 0.3) and 0.62 / 0.08 / 0.05.
+Nor did an x0-predicting head (0.07 / 0.0 / 0.0), VAEs whose reconstructions keep shapes
+better (2x temporal compression, 144 video tokens: 0.37 / 0.10 / 0.0; 8 latent channels:
+0.46 / 0.09 / 0.0), a KL weight of 1e-3 (0.68 / 0.13 / 0.02), a decoder fine-tuned on
+noisy latents or stochastic sampling; see
+docs/architecture.md for those and for the report's no-transformer references.
 
 ``tiny:smoke`` is a seconds-per-stage variant that the tests run end to end.
 """
