@@ -122,3 +122,11 @@ def test_diffusion_fractions_must_be_probabilities():
     with pytest.raises(UserError, match=r"p_clean_audio \+ diffusion\.p_clean_video = 1\.2"):
         load_config("tiny", ["diffusion.p_clean_audio=0.6", "diffusion.p_clean_video=0.6"])
     assert load_config("tiny", ["diffusion.t_uniform=0.3"]).diffusion.t_uniform == 0.3
+
+
+def test_renoise_levels_must_lie_strictly_inside_zero_one():
+    # t = 1 would divide by 1 - t in the report's control.noisy_<t> rows; t = 0 is the clip.
+    for bad in ("(0.3, 1.0)", "(0.0,)"):
+        with pytest.raises(UserError, match=r"sample\.renoise_t has .*strictly between 0"):
+            load_config("tiny", [f"sample.renoise_t={bad}"])
+    assert tuple(load_config("tiny", ["sample.renoise_t=(0.2,)"]).sample.renoise_t) == (0.2,)

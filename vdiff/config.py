@@ -163,7 +163,7 @@ def check_static(config: ml_collections.ConfigDict) -> None:
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
                 f"(0, data.resolution={res}]; or 0 to train on whole frames"
             )
-    _check_probabilities(config)
+    _check_unit_intervals(config)
 
 
 _PROBABILITIES = (
@@ -175,8 +175,9 @@ _PROBABILITIES = (
 )
 
 
-def _check_probabilities(config: ml_collections.ConfigDict) -> None:
-    """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one)."""
+def _check_unit_intervals(config: ml_collections.ConfigDict) -> None:
+    """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one),
+    and the report's re-noising levels in (0, 1)."""
     d = config.get("diffusion")
     if d is None:
         return
@@ -192,6 +193,13 @@ def _check_probabilities(config: ml_collections.ConfigDict) -> None:
             f"diffusion.p_clean_audio + diffusion.p_clean_video = {clean} > 1: they split one "
             "draw per example; lower one of them"
         )
+    s = config.get("sample")
+    for t in s.get("renoise_t", ()) if s is not None else ():
+        if not 0.0 < float(t) < 1.0:
+            raise UserError(
+                f"sample.renoise_t has {t}: re-noising levels lie strictly between 0 (the clip) "
+                "and 1 (pure noise, which oracle.* already covers); e.g. (0.3, 0.6)"
+            )
 
 
 def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
