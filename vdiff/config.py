@@ -163,7 +163,8 @@ def check_static(config: ml_collections.ConfigDict) -> None:
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
                 f"(0, data.resolution={res}]; or 0 to train on whole frames"
             )
-    _check_unit_intervals(config)
+    _check_probabilities(config)
+    _check_renoise_levels(config)
 
 
 _PROBABILITIES = (
@@ -175,9 +176,8 @@ _PROBABILITIES = (
 )
 
 
-def _check_unit_intervals(config: ml_collections.ConfigDict) -> None:
-    """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one),
-    and the report's re-noising levels in (0, 1)."""
+def _check_probabilities(config: ml_collections.ConfigDict) -> None:
+    """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one)."""
     d = config.get("diffusion")
     if d is None:
         return
@@ -193,6 +193,10 @@ def _check_unit_intervals(config: ml_collections.ConfigDict) -> None:
             f"diffusion.p_clean_audio + diffusion.p_clean_video = {clean} > 1: they split one "
             "draw per example; lower one of them"
         )
+
+
+def _check_renoise_levels(config: ml_collections.ConfigDict) -> None:
+    """The report's re-noising levels lie strictly inside (0, 1) (it divides by 1 - t)."""
     s = config.get("sample")
     for t in s.get("renoise_t", ()) if s is not None else ():
         if not 0.0 < float(t) < 1.0:
