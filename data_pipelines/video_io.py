@@ -439,10 +439,14 @@ def transcode(
                 for frame in packet.decode():
                     if packet.stream is vin:
                         out = frame.reformat(width=width, height=height, format="yuv420p")
+                        # A fresh frame from the pixels alone. Fed `reformat`'s own frames,
+                        # x264 now and then wrote different bytes for the same visible pixels
+                        # (5 of 800 transcodes of one test clip, in one video packet); from
+                        # the pixel array, 0 of 1200, and the output is otherwise the same.
+                        # It also drops the source's picture types, which the encoder would
+                        # obey as forced keyframes (keyframes follow `gop` instead).
+                        out = av.VideoFrame.from_ndarray(out.to_ndarray(), format="yuv420p")
                         out.pts, out.time_base = index, Fraction(1) / rate
-                        # Decoded frames keep the source's picture types, which the encoder
-                        # would obey as forced keyframes; let it follow `gop` instead.
-                        out.pict_type = av.video.frame.PictureType.NONE
                         index += 1
                         dst.mux(vout.encode(out))
                     else:
