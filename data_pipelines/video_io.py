@@ -442,7 +442,7 @@ def transcode(
                         # A fresh frame from the pixels alone. Fed `reformat`'s own frames,
                         # x264 now and then wrote different bytes for the same visible pixels
                         # (5 of 800 transcodes of one test clip, in one video packet); from
-                        # the pixel array, 0 of 1200, and the output is otherwise the same.
+                        # the pixel array, 0 of 1600, and the output is otherwise the same.
                         # It also drops the source's picture types, which the encoder would
                         # obey as forced keyframes (keyframes follow `gop` instead).
                         out = av.VideoFrame.from_ndarray(out.to_ndarray(), format="yuv420p")
