@@ -25,7 +25,7 @@ CLICK_DECAY_S = 0.025  # the envelope falls to -40 dB over this time after the a
 _CLICK_TAU_S = CLICK_DECAY_S / np.log(100.0)
 
 
-def _coverage(shape: str, cx: float, cy: float, size: float, xs: np.ndarray, ys: np.ndarray):
+def coverage(shape: str, cx: float, cy: float, size: float, xs: np.ndarray, ys: np.ndarray):
     """Fraction of each pixel inside the shape, from sub-sample points xs (W*ss,), ys (H*ss,)."""
     r = size / 2
     dx = xs[None, :] - cx
@@ -53,7 +53,7 @@ def render_video(scene: Scene) -> np.ndarray:
     for t in range(scene.num_frames):
         img = np.broadcast_to(bg, (n, n, 3)).copy()
         for i, s in enumerate(scene.shapes):
-            a = _coverage(s.shape, traj[t, i, 0], traj[t, i, 1], s.size, sub, sub)[..., None]
+            a = coverage(s.shape, traj[t, i, 0], traj[t, i, 1], s.size, sub, sub)[..., None]
             img = a * np.asarray(COLOURS[s.colour], np.float64) + (1 - a) * img
         frames[t] = np.clip(np.round(img), 0, 255).astype(np.uint8)
     return frames
