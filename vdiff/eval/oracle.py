@@ -39,6 +39,7 @@ REGION_PX = 3.0  # how far outside its colour core a shape's outline may lie
 ALPHA_FLOOR = 0.15  # coverage below this is background noise
 AREA_PER_BOX = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / box side^2
 TEMPLATE_SCALES = np.linspace(0.85, 1.15, 7)  # template sizes tried around the area's own
+MAX_VOTES = 8  # frames whose shape call is voted on, per object
 DIRECTION_FRAMES = 4  # frames 0..3 carry the caption's initial direction
 _CROSS = ndimage.generate_binary_structure(2, 1)[None]  # spatial-only, per frame
 _SQUARE = np.ones((1, 3, 3), bool)
@@ -240,6 +241,8 @@ def describe_object(alpha: np.ndarray, present: np.ndarray, others: np.ndarray) 
     frames = np.nonzero(clean & ~near)[0]
     if len(frames) == 0:
         frames = np.nonzero(clean)[0]
+    if len(frames) > MAX_VOTES:  # spread over the clip; neighbouring frames say the same
+        frames = frames[np.linspace(0, len(frames) - 1, MAX_VOTES).round().astype(int)]
     votes = [classify_shape(alpha[i]) for i in frames]
     # Soft weights on and just around the outline give sub-pixel centroids; only frames where
     # the shape is whole and apart from the others count.
