@@ -51,6 +51,9 @@ better (2x temporal compression, 144 video tokens: 0.37 / 0.10 / 0.0; 8 latent c
 0.46 / 0.09 / 0.0), a KL weight of 1e-3 (0.68 / 0.13 / 0.02), a decoder fine-tuned on
 noisy latents or stochastic sampling; see
 docs/architecture.md for those and for the report's no-transformer references.
+The shape figures in this docstring were read with the oracle's earlier fill rule, which
+also read the VAE's reconstructions at only 0.83; its template-matching shape call (e928a2d)
+reads those at 1.0 and this recipe's 1500-update clips at 0.19 (docs/architecture.md).
 
 ``tiny:smoke`` is a seconds-per-stage variant that the tests run end to end.
 """
