@@ -119,8 +119,7 @@ def classify_shape(alpha: np.ndarray) -> str | None:
     if area <= 0:
         return None
     h, w = a.shape
-    cy = (a.sum(1) * (np.arange(h) + 0.5)).sum() / area
-    cx = (a.sum(0) * (np.arange(w) + 0.5)).sum() / area
+    cx, cy = _track(a[None])[0]
     best, best_shape = np.inf, None
     for shape in SHAPES:
         for size in np.sqrt(area / AREA_PER_BOX[shape]) * TEMPLATE_SCALES:
