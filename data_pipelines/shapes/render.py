@@ -25,6 +25,11 @@ CLICK_DECAY_S = 0.025  # the envelope falls to -40 dB over this time after the a
 _CLICK_TAU_S = CLICK_DECAY_S / np.log(100.0)
 
 
+def subpixel_points(start: int, stop: int) -> np.ndarray:
+    """Sub-sample coordinates (in pixels) of pixels ``start .. stop - 1`` along one axis."""
+    return (np.arange(start * SUPERSAMPLE, stop * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+
+
 def coverage(shape: str, cx: float, cy: float, size: float, xs: np.ndarray, ys: np.ndarray):
     """Fraction of each pixel inside the shape, from sub-sample points xs (W*ss,), ys (H*ss,)."""
     r = size / 2
@@ -46,7 +51,7 @@ def coverage(shape: str, cx: float, cy: float, size: float, xs: np.ndarray, ys: 
 def render_video(scene: Scene) -> np.ndarray:
     """Renders the scene as uint8 RGB frames (T, H, W, 3)."""
     n = scene.resolution
-    sub = (np.arange(n * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    sub = subpixel_points(0, n)
     traj = trajectory(scene)
     bg = np.asarray(BACKGROUNDS[scene.background], np.float64)
     frames = np.empty((scene.num_frames, n, n, 3), np.uint8)

@@ -26,7 +26,7 @@ import re
 import numpy as np
 from scipy import ndimage
 
-from data_pipelines.shapes.render import SUPERSAMPLE, coverage
+from data_pipelines.shapes.render import coverage, subpixel_points
 from data_pipelines.shapes.scene import BACKGROUNDS, COLOURS, SHAPES, parse_direction_word
 
 PALETTE_NAMES = tuple(BACKGROUNDS)
@@ -95,9 +95,8 @@ def _check(frames: np.ndarray) -> np.ndarray:
 def _template(shape: str, cx: float, cy: float, size: float, rows: slice, cols: slice):
     """Anti-aliased coverage of ``shape`` (box side ``size``, area centroid at ``(cx, cy)``)
     on the pixel window ``rows x cols``, drawn by the shapes renderer itself."""
-    sub = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-    ys = (np.arange(rows.start, rows.stop)[:, None] + sub).reshape(-1)
-    xs = (np.arange(cols.start, cols.stop)[:, None] + sub).reshape(-1)
+    ys = subpixel_points(rows.start, rows.stop)
+    xs = subpixel_points(cols.start, cols.stop)
     # An apex-up triangle's area centroid lies size/6 below its box centre.
     box_cy = cy - size / 6 if shape == "triangle" else cy
     return coverage(shape, cx, box_cy, size, xs, ys)
