@@ -130,3 +130,9 @@ def test_renoise_levels_must_lie_strictly_inside_zero_one():
         with pytest.raises(UserError, match=r"sample\.renoise_t has .*strictly between 0"):
             load_config("tiny", [f"sample.renoise_t={bad}"])
     assert tuple(load_config("tiny", ["sample.renoise_t=(0.2,)"]).sample.renoise_t) == (0.2,)
+
+
+def test_unknown_optimizer_names_the_key_and_choices():
+    with pytest.raises(UserError, match=r"train\.optimizer='sgd': use 'adamw' or 'muon'"):
+        load_config("tiny", ["train.optimizer=sgd"])
+    assert load_config("tiny", ["train.optimizer=muon"]).train.optimizer == "muon"

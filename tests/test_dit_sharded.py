@@ -50,6 +50,7 @@ def tiny_config(mesh_shape):
     cfg.data.audio = False
     t = cfg.train
     t.lr, t.warmup, t.steps, t.batch_size, t.ema_decay = 1e-3, 1, 10, BATCH, 0.9
+    t.optimizer = "adamw"  # the tiny recipe's Muon: tests/test_muon.py (same meshes' logic)
     for axis in ("data", "fsdp", "tensor", "context"):
         cfg.mesh.shape[axis] = mesh_shape.get(axis, 1)
     return cfg

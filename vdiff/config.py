@@ -165,6 +165,9 @@ def check_static(config: ml_collections.ConfigDict) -> None:
             )
     _check_probabilities(config)
     _check_renoise_levels(config)
+    optimizer = config.get("train", {}).get("optimizer", "adamw")
+    if optimizer not in ("adamw", "muon"):
+        raise UserError(f"train.optimizer={optimizer!r}: use 'adamw' or 'muon'")
 
 
 _PROBABILITIES = (

@@ -41,6 +41,7 @@ class OptimConfig:
     b2: float = 0.99
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # "adamw" or "muon" (hidden matrices only; see muon_dims)
 
     def schedule(self) -> optax.Schedule:
         warmup = max(1, min(self.warmup, self.steps - 1))
@@ -52,10 +53,55 @@ class OptimConfig:
         parts = []
         if self.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(self.grad_clip))
-        parts.append(
-            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
-        )
+        if self.optimizer == "adamw":
+            parts.append(
+                optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+            )
+        elif self.optimizer == "muon":
+            # consistent_rms=0.2 scales Muon's orthogonal updates to AdamW's typical RMS,
+            # so the same learning rate and schedule serve both parameter groups.
+            parts.append(
+                optax.contrib.muon(
+                    self.schedule(),
+                    adam_b1=self.b1,
+                    adam_b2=self.b2,
+                    weight_decay=self.weight_decay,
+                    adam_weight_decay=self.weight_decay,
+                    consistent_rms=0.2,
+                    muon_weight_dimension_numbers=muon_dims,
+                )
+            )
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         return optax.chain(*parts)
+
+
+# Muon orthogonalises the update of each hidden projection as a matrix (reduction axes ->
+# output axes); a leading scanned-layer axis is a batch axis. Embeddings, output heads,
+# adaLN modulation, norms and biases keep AdamW.
+_MUON_IN_OUT = {
+    **{n: ((-3,), (-2, -1)) for n in ("q", "k", "v", "cross_q", "text_k", "text_v")},
+    **{n: ((-3, -2), (-1,)) for n in ("out", "cross_out")},
+    **{n: ((-2,), (-1,)) for n in ("fc1", "fc2")},
+}
+
+
+def muon_dims(params):
+    """Per-leaf ``MuonDimensionNumbers`` (or None: AdamW) for :func:`optax.contrib.muon`."""
+
+    def spec(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        if "kernel" not in names or "t_embed" in names:
+            return None
+        layer = names[names.index("kernel") - 1]
+        if layer not in _MUON_IN_OUT:
+            return None
+        red, out = _MUON_IN_OUT[layer]
+        if x.ndim < len(red) + len(out):
+            return None
+        return optax.contrib.MuonDimensionNumbers(red, out)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def _cast(tree, dtype):
@@ -84,6 +130,10 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
     """
     s = step.astype(jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
+
+
+def _unbox(x):
+    return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
 class Engine:
@@ -160,9 +210,10 @@ class Engine:
 
     def _shardings_for(self, abstract_state):
         rep = NamedSharding(self.mesh, PartitionSpec())
+        masked = optax.transforms.MaskedNode  # a masked-out state (Muon vs AdamW): no arrays
         opt = optax.tree_map_params(
             self.tx,
-            lambda _, s: s,
+            lambda state, s: state if isinstance(_unbox(state), masked) else s,
             abstract_state["opt"],
             self.param_shardings,
             transform_non_params=lambda _: rep,

@@ -39,7 +39,17 @@ def _per_process(batch_size: int) -> int:
 
 
 def _stage_engine(
-    config, mesh, make_model, loss_fn, lr, steps, *, warmup=None, weight_decay=0.0, ema_decay=0.0
+    config,
+    mesh,
+    make_model,
+    loss_fn,
+    lr,
+    steps,
+    *,
+    warmup=None,
+    weight_decay=0.0,
+    ema_decay=0.0,
+    optimizer="adamw",
 ) -> Engine:
     """An Engine with the shared train.* settings; ``warmup`` defaults to a tenth of the
     stage's steps at most (the short autoencoder stages)."""
@@ -56,6 +66,7 @@ def _stage_engine(
             b2=t.b2,
             weight_decay=weight_decay,
             grad_clip=t.grad_clip,
+            optimizer=optimizer,
         ),
         ema_decay=ema_decay,
         microbatches=t.microbatches,
@@ -369,6 +380,7 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
         warmup=t.warmup,
         weight_decay=t.weight_decay,
         ema_decay=t.ema_decay,
+        optimizer=t.optimizer,
     )
 
 
