@@ -36,11 +36,13 @@ per token): joint text colour 0.22, background 0.59; cross text colour 0.80,
 background 1.0, and val flow loss at t=0.5 with true vs shuffled captions 0.33 vs 0.35
 (joint) against 0.31 vs 1.31 (cross). It is also ~15% faster per step (fewer tokens).
 
-Sized for a 2-core CPU: step counts are set so the whole job (data, both autoencoders,
-transformer, report) fits in 20 minutes there; see docs/architecture.md for the
-measured stage times and scores. What did not buy whole shapes or their motion on this
-budget (same cached latents, 32 val prompts, cfg 4; colour / shape / direction): this
-recipe at 1500 updates 0.80 / 0.12 / 0.05, at 3000 updates 0.76 / 0.15 / 0.11; 1500
+Sized for a 2-core CPU: step counts aim the whole job (data, both autoencoders,
+transformer, report) at 20 minutes there; it measured 18 min 20 s on a faster 2-core
+machine (AdamW recipe) and 22 min 31 s on an AVX2-only one (this recipe); stage times and
+scores in docs/architecture.md. What did not buy whole shapes or their motion on this
+budget (same cached latents, 32 val prompts, cfg 4; colour / shape / direction; all with
+AdamW, before the switch to Muon below): the recipe at 1500 updates 0.80 / 0.12 / 0.05,
+at 3000 updates 0.76 / 0.15 / 0.11; 1500
 updates at logit-normal(0, 1) 0.28 / 0.02 / 0.03, at (0, 1) with shift 2 0.52 / 0.08 /
 0.0; a spatial RoPE base of 10 instead of 10000 (a trial option, not kept) 0.77 / 0.11
 / 0.08; depth 8 or width 192 at the same wall time (1250 updates) 0.27 / 0.01 / 0.02
@@ -53,19 +55,22 @@ noisy latents or stochastic sampling; see
 docs/architecture.md for those and for the report's no-transformer references.
 The shape figures in this docstring were read with the oracle's earlier fill rule, which
 also read the VAE's reconstructions at only 0.83; its template-matching shape call (e928a2d)
-reads those at 1.0 and this recipe's 1500-update clips at 0.19 (docs/architecture.md).
+reads those at 1.0 and the AdamW recipe's 1500-update clips at 0.19 (docs/architecture.md).
 
 Why Muon for 1100 updates rather than AdamW for 1500 (the earlier recipe): at the same
-lr and schedule (``consistent_rms=0.2`` puts Muon's updates at AdamW's RMS), Muon's step
-costs ~1.4x on the 2 cores (0.46 against 0.32-0.33 s, Newton-Schulz on every hidden
-matrix), so 1100 Muon updates take AdamW's 1500 updates' wall time. On the same cached
+lr and schedule (``consistent_rms=0.2`` puts Muon's updates at AdamW's RMS), a Muon step
+costs 1.1-1.2x an AdamW step on the 2 cores (``benchmarks/train_step.py --configs tiny
+--steps 12``: 0.46-0.48 against 0.41-0.42 s; Newton-Schulz on every hidden matrix), and
+1100 Muon updates took 574-585 s of transformer stage against 633-735 s for AdamW's 1500
+on the same kind of machine. On the same cached
 latents (32 val prompts, cfg 4; colour / shape / direction, then direction from val
 latents re-noised to t = 0.6): AdamW 1500 with seeds 0 / 1 / 2 0.59 / 0.14 / 0.02,
 0.67 / 0.14 / 0.12, 0.60 / 0.10 / 0.04, re-noised 0.30 / 0.26 / 0.28; Muon 1500 at lr
 3e-3 and 6e-3 0.76 / 0.12 / 0.12 and 0.75 / 0.19 / 0.06, re-noised 0.41 and 0.41; Muon
-1100 0.77 / 0.30 / 0.07, re-noised 0.39. Guidance-free colour rose from 0.20-0.29 to
-0.30-0.40. Colour and mid-noise motion gain beyond the seed spread; shape and direction
-from noise stay far below the bar.
+1100 with seeds 0 / 1 0.77 / 0.30 / 0.07 and 0.72 / 0.17 / 0.06, re-noised 0.39 and 0.34.
+Colour and mid-noise motion rise beyond the AdamW seed spread in all four Muon runs;
+guidance-free colour (0.23-0.40 against 0.20-0.29), shape and direction from noise do not,
+and stay far below the bar.
 
 ``tiny:smoke`` is a seconds-per-stage variant that the tests run end to end.
 """
