@@ -108,9 +108,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.lr = 1e-3
     t.warmup = 100
     t.weight_decay = 0.0
-    t.optimizer = (
-        "adamw"  # transformer stage: "adamw" or "muon" (hidden matrices; AdamW for the rest)
-    )
+    # Transformer stage: "adamw", or "muon" (Muon on the hidden matrices, NAdamW for the rest).
+    t.optimizer = "adamw"
     t.b2 = 0.99
     t.grad_clip = 1.0
     t.ema_decay = 0.999

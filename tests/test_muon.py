@@ -8,6 +8,7 @@ import optax
 import pytest
 from test_dit_sharded import FAST_COMPILE, batch, tiny_config
 
+from vdiff.errors import UserError
 from vdiff.parallel.mesh import make_mesh
 from vdiff.train.checkpoint import Checkpointer
 from vdiff.train.engine import muon_dims
@@ -42,7 +43,7 @@ def _flat(tree):
     }
 
 
-def test_muon_takes_hidden_matrices_and_leaves_the_rest_to_adamw(devices):
+def test_muon_takes_hidden_matrices_and_leaves_the_rest_to_adam(devices):
     engine = _engine(dict(data=1), devices)
     dims = _flat(muon_dims(engine.abstract_state["params"]))
     muon = {k for k, v in dims.items() if v is not None}
@@ -51,7 +52,7 @@ def test_muon_takes_hidden_matrices_and_leaves_the_rest_to_adamw(devices):
         assert "kernel" in k and any(f"['{n}']" in k for n in ("q", "k", "v", "out", "fc1", "fc2",
                                                                  "cross_q", "cross_out", "text_k",
                                                                  "text_v")), k  # fmt: skip
-    # Embeddings, the output head, adaLN modulation, norms and biases stay with AdamW.
+    # Embeddings, the output head, adaLN modulation, norms and biases stay with (N)AdamW.
     for name in ("video_embed", "video_out", "['ada']", "t_embed", "bias", "scale", "['embed']"):
         assert not any(name in k for k in muon), name
     # Stacked (scanned) layers: the layer axis is a batch axis, not part of the matrix.
@@ -114,3 +115,20 @@ def test_muon_state_checkpoints_and_sharded_step_matches(devices, one_device, tm
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     mu = [x for x in jax.tree.leaves(restored["opt"]) if np.asarray(x).ndim >= 2]
     assert any(np.abs(np.asarray(x)).max() > 0 for x in mu)
+    # An AdamW engine cannot resume Muon checkpoints: one clear error that names the key.
+    cfg = tiny_config(dict(data=1))
+    adamw = dit_engine(cfg, make_mesh(cfg, devices[:1]))
+    with pytest.raises(UserError, match=r"no readable checkpoint.*train\.optimizer"):
+        Checkpointer(tmp_path / "ckpt", keep=1).restore(adamw.abstract_state, adamw.state_shardings)
+
+
+def test_config_saved_without_the_optimizer_key_builds_adamw(devices):
+    """Workdirs written before ``train.optimizer`` existed (AdamW runs) still sample,
+    evaluate and export: their saved config has no such key."""
+    cfg = tiny_config(dict(data=1))
+    del cfg.train["optimizer"]
+    engine = dit_engine(cfg, make_mesh(cfg, devices[:1]))
+    assert engine.optim.optimizer == "adamw"
+    mu = engine.abstract_state["opt"]
+    assert not any(isinstance(x, optax.transforms.MaskedNode) for x in jax.tree.leaves(
+        mu, is_leaf=lambda x: isinstance(x, optax.transforms.MaskedNode)))  # fmt: skip

@@ -206,7 +206,9 @@ class Checkpointer:
             errors.append(f"step {s}: {reason}")
         if errors:
             raise UserError(
-                f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); "
+                f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); if the "
+                "config changed since they were written (e.g. train.optimizer or model sizes), "
+                "resume with the config they were saved with (WORKDIR/config.json); otherwise "
                 "move the folder away to start this stage over"
             )
         return None

@@ -41,7 +41,7 @@ class OptimConfig:
     b2: float = 0.99
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    optimizer: str = "adamw"  # "adamw" or "muon" (hidden matrices only; see muon_dims)
+    optimizer: str = "adamw"  # "adamw" or "muon" (hidden matrices; NAdamW for the rest)
 
     def schedule(self) -> optax.Schedule:
         warmup = max(1, min(self.warmup, self.steps - 1))
@@ -59,7 +59,8 @@ class OptimConfig:
             )
         elif self.optimizer == "muon":
             # consistent_rms=0.2 scales Muon's orthogonal updates to AdamW's typical RMS,
-            # so the same learning rate and schedule serve both parameter groups.
+            # so the same learning rate and schedule serve both parameter groups. optax
+            # gives the other group its AdamW with Nesterov momentum (NAdamW), as Muon's.
             parts.append(
                 optax.contrib.muon(
                     self.schedule(),
@@ -78,7 +79,7 @@ class OptimConfig:
 
 # Muon orthogonalises the update of each hidden projection as a matrix (reduction axes ->
 # output axes); a leading scanned-layer axis is a batch axis. Embeddings, output heads,
-# adaLN modulation, norms and biases keep AdamW.
+# adaLN modulation, norms and biases go to optax's Adam branch (NAdamW).
 _MUON_IN_OUT = {
     **{n: ((-3,), (-2, -1)) for n in ("q", "k", "v", "cross_q", "text_k", "text_v")},
     **{n: ((-3, -2), (-1,)) for n in ("out", "cross_out")},
@@ -87,7 +88,7 @@ _MUON_IN_OUT = {
 
 
 def muon_dims(params):
-    """Per-leaf ``MuonDimensionNumbers`` (or None: AdamW) for :func:`optax.contrib.muon`."""
+    """Per-leaf ``MuonDimensionNumbers`` (or None: the Adam branch) for :func:`optax.contrib.muon`."""
 
     def spec(path, x):
         names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]

@@ -380,7 +380,7 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
         warmup=t.warmup,
         weight_decay=t.weight_decay,
         ema_decay=t.ema_decay,
-        optimizer=t.optimizer,
+        optimizer=t.get("optimizer", "adamw"),  # workdirs saved before the key existed
     )
 
 
