@@ -72,16 +72,20 @@ def engine_for(name, devices):
     return dit_engine(cfg, make_mesh(cfg, devices[: int(np.prod(list(shape.values())))]))
 
 
-@pytest.fixture(scope="module")
-def initial_state(devices):
-    """Host copy of the 1-device initial state, parameters and EMA perturbed."""
-    state = jax.tree.map(np.asarray, engine_for("one", devices).init(0))
+def perturbed_initial_state(engine):
+    """Host copy of ``engine``'s initial state, parameters and EMA perturbed."""
+    state = jax.tree.map(np.asarray, engine.init(0))
     rng = np.random.default_rng(1)
     leaves, treedef = jax.tree.flatten(state["params"])
     params = [x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
     state["params"] = jax.tree.unflatten(treedef, params)
     state["ema"] = jax.tree.unflatten(treedef, [p.copy() for p in params])
     return state
+
+
+@pytest.fixture(scope="module")
+def initial_state(devices):
+    return perturbed_initial_state(engine_for("one", devices))
 
 
 @pytest.fixture(scope="module")

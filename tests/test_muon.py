@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_dit_sharded import FAST_COMPILE, batch, tiny_config
+from test_dit_sharded import FAST_COMPILE, batch, perturbed_initial_state, tiny_config
 
 from vdiff.errors import UserError
 from vdiff.parallel.mesh import make_mesh
@@ -20,18 +20,6 @@ def _engine(mesh_shape, devices):
     cfg.train.optimizer = "muon"
     n = int(np.prod(list(mesh_shape.values())))
     return dit_engine(cfg, make_mesh(cfg, devices[:n]))
-
-
-def _perturbed_state(engine):
-    """Host copy of the initial state with every weight perturbed: with adaLN-Zero's zero
-    gates most blocks would get no gradient on the first steps."""
-    state = jax.tree.map(np.asarray, engine.init(0))
-    rng = np.random.default_rng(1)
-    leaves, treedef = jax.tree.flatten(state["params"])
-    state["params"] = jax.tree.unflatten(
-        treedef, [x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
-    )
-    return state
 
 
 def _flat(tree):
@@ -73,7 +61,7 @@ def _two_steps(engine, state0):
 def one_device(devices):
     """(engine, perturbed initial state on the host, state and loss after two steps)."""
     engine = _engine(dict(data=1), devices)
-    state0 = _perturbed_state(engine)
+    state0 = perturbed_initial_state(engine)  # adaLN-Zero's zero gates would stop gradients
     return engine, state0, *_two_steps(engine, state0)
 
 
