@@ -55,6 +55,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # fully convolutional, so it encodes whole frames after training on crops; a crop of
     # a quarter of the pixels makes each step several times cheaper.
     v.train_crop = 0
+    # With train_crop: the last this-many steps train on whole frames (0 = crops to the
+    # end). Crops learn the local code cheaply; the whole-frame steps fit the frame edges
+    # and the full-frame latent statistics that the transformer then sees.
+    v.full_frame_steps = 0
 
     # --- audio autoencoder (1D conv over log-mel).
     c.audio_ae = a = ml_collections.ConfigDict()

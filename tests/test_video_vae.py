@@ -257,3 +257,46 @@ def test_random_crops_are_aligned_slices_of_each_clip():
             np.testing.assert_array_equal(out[b], np.asarray(x[b, :, y : y + 6, x0 : x0 + 6]))
             offsets.add((y, x0))
     assert len(offsets) > 4  # offsets differ between clips and draws
+
+
+def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
+    """The main job's video-VAE stage on 16 random clips, 4 steps, checkpoints every 2."""
+    from types import SimpleNamespace
+
+    from vdiff.config import load_config
+    from vdiff.parallel.mesh import make_mesh
+    from vdiff.train.checkpoint import Checkpointer
+    from vdiff.train.stages import train_video_vae
+
+    config = load_config("tiny:smoke", ["vae.steps=4", "train.ckpt_every=2", *overrides])
+    mesh = make_mesh(config)
+    video = np.random.default_rng(0).integers(0, 256, (16, 16, 32, 32, 3), dtype=np.uint8)
+    data = SimpleNamespace(train=SimpleNamespace(video=video))
+    (engine, state), summary = train_video_vae(config, tmp_path / name, mesh, data)
+    ckpt = Checkpointer(tmp_path / name / "checkpoints" / "vae")
+    _, at2, _ = ckpt.restore(engine.abstract_state, engine.state_shardings, step=2)
+    ckpt.close()
+    leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s["params"])]  # noqa: E731
+    return leaves(at2), leaves(state), summary
+
+
+def test_vae_crop_phase_then_whole_frames(tmp_path):
+    from vdiff.train.stages import vae_crop_steps
+
+    two_phase = _train_vae_stage(tmp_path, "two", ["vae.train_crop=16", "vae.full_frame_steps=2"])
+    crops = _train_vae_stage(tmp_path, "crops", ["vae.train_crop=16"])
+    assert two_phase[2]["crop_steps"] == 2 and two_phase[2]["end_step"] == 4
+    assert crops[2]["crop_steps"] == 4
+    # Steps 1-2 are the crop run's own steps (same init, batches and noise) ...
+    for a, b in zip(two_phase[0], crops[0]):
+        np.testing.assert_array_equal(a, b)
+    # ... and steps 3-4, resumed from that checkpoint, are not: they see whole frames.
+    assert any(not np.array_equal(a, b) for a, b in zip(two_phase[1], crops[1]))
+    # A rerun finds the last checkpoint and trains nothing more.
+    again = _train_vae_stage(tmp_path, "two", ["vae.train_crop=16", "vae.full_frame_steps=2"])
+    assert again[2]["start_step"] == 4
+    for a, b in zip(again[1], two_phase[1]):
+        np.testing.assert_array_equal(a, b)
+    cfg = get_base_config().vae
+    cfg.steps, cfg.train_crop, cfg.full_frame_steps = 10, 16, 12
+    assert vae_crop_steps(cfg) == 0  # more whole-frame steps than steps: whole frames only

@@ -163,6 +163,12 @@ def check_static(config: ml_collections.ConfigDict) -> None:
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
                 f"(0, data.resolution={res}]; or 0 to train on whole frames"
             )
+    full = config.get("vae", {}).get("full_frame_steps", 0)
+    if full < 0 or (full and not crop):
+        raise UserError(
+            f"vae.full_frame_steps={full}: the whole-frame steps that end a crop-trained VAE; "
+            "use a count >= 0 together with vae.train_crop > 0, or 0"
+        )
     _check_probabilities(config)
     _check_renoise_levels(config)
     optimizer = config.get("train", {}).get("optimizer", "adamw")

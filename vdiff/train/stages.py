@@ -91,9 +91,10 @@ def random_crops(x: jax.Array, rng: jax.Array, size: int, align: int) -> jax.Arr
     return jax.vmap(crop)(x, oy, ox)
 
 
-def video_vae_engine(config, mesh) -> Engine:
+def video_vae_engine(config, mesh, *, crop: int | None = None) -> Engine:
+    """The video VAE's engine; ``crop`` (pixels, 0 = whole frames) overrides vae.train_crop."""
     kl = config.vae.kl_weight
-    crop = config.vae.get("train_crop", 0)
+    crop = config.vae.get("train_crop", 0) if crop is None else crop
 
     def loss_fn(model, batch, rng):
         x = batch["video"]
@@ -148,17 +149,33 @@ def _run(name, engine, arrays, config, workdir, steps, batch_size):
     )
 
 
+def vae_crop_steps(vae_config) -> int:
+    """Steps (from the start) that train the video VAE on crops: all of them with
+    ``train_crop`` alone, all but the last ``full_frame_steps`` with both, none without."""
+    if not vae_config.get("train_crop", 0):
+        return 0
+    return max(0, vae_config.steps - vae_config.get("full_frame_steps", 0))
+
+
 def train_video_vae(config, workdir: Path, mesh, data: Data):
-    engine = video_vae_engine(config, mesh)
-    state, summary = _run(
-        "vae",
-        engine,
-        {"video": data.train.video},
-        config,
-        workdir,
-        config.vae.steps,
-        config.vae.batch_size,
-    )
+    """Trains the video VAE: on crops up to :func:`vae_crop_steps`, on whole frames after.
+
+    The two phases are one stage (one checkpoint directory, one lr schedule over
+    ``vae.steps``): the whole-frame phase resumes from the crop phase's last checkpoint,
+    and a restarted job skips whichever phase its checkpoints have already passed.
+    """
+    arrays = {"video": data.train.video}
+    steps, crop_steps = config.vae.steps, vae_crop_steps(config.vae)
+    first = None
+    if 0 < crop_steps < steps:
+        crops = video_vae_engine(config, mesh)
+        _, first = _run("vae", crops, arrays, config, workdir, crop_steps, config.vae.batch_size)
+    engine = video_vae_engine(config, mesh, crop=None if crop_steps == steps else 0)
+    state, summary = _run("vae", engine, arrays, config, workdir, steps, config.vae.batch_size)
+    summary["crop_steps"] = crop_steps
+    if first is not None:
+        summary["start_step"] = first["start_step"]
+        summary["crop_wall_s"] = first["wall_s"]
     return (engine, state), summary
 
 
