@@ -57,7 +57,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     v.train_crop = 0
     # With train_crop: the last this-many steps train on whole frames (0 = crops to the
     # end). Crops learn the local code cheaply; the whole-frame steps fit the frame edges
-    # and the full-frame latent statistics that the transformer then sees.
+    # and the full-frame latent statistics that the transformer then sees (on the tiny data
+    # the transformer still fit such latents worse; configs/tiny.py).
     v.full_frame_steps = 0
 
     # --- audio autoencoder (1D conv over log-mel).

@@ -19,7 +19,10 @@ transformer learned far less from the crop-trained VAE's latents. 1500 updates o
 recipe on them: colour 0.17, background 0.94, val flow loss at t=0.5 0.38 (true
 captions) vs 0.41 (shuffled); on the whole-frame VAE's latents: colour 0.80 (0.62 with
 another seed), background 1.0, 0.31 vs 1.21-1.31. A main job with crops and 2200
-updates took 16 min and scored colour 0.26.
+updates took 16 min and scored colour 0.26. Ending the crops with whole frames
+(``vae.full_frame_steps``: 1600 crop + 800 whole-frame steps, 302 s against 494 s on an
+AVX2-only 2-core machine, 29.6 dB) still left the transformer worse off: colour 0.65
+against 0.72-0.77 for this recipe (Muon, 1100 updates; docs/architecture.md, "Session 13").
 
 Why the timestep distribution sits at high noise (``t_mean`` 0.5, shift 3, the same
 shift in the sampler): the caption decides a clip only near pure noise, where the
@@ -70,7 +73,9 @@ latents re-noised to t = 0.6): AdamW 1500 with seeds 0 / 1 / 2 0.59 / 0.14 / 0.0
 1100 with seeds 0 / 1 0.77 / 0.30 / 0.07 and 0.72 / 0.17 / 0.06, re-noised 0.39 and 0.34.
 Colour and mid-noise motion rise beyond the AdamW seed spread in all four Muon runs;
 guidance-free colour (0.23-0.40 against 0.20-0.29), shape and direction from noise do not,
-and stay far below the bar.
+and stay far below the bar. Nor does training longer: 6000 Muon updates (51 min of
+transformer on the 2 cores) scored 0.91 / 0.18 / 0.15, colour past its bar from ~2000
+updates, shape at or below chance at every 1000-update checkpoint.
 
 ``tiny:smoke`` is a seconds-per-stage variant that the tests run end to end.
 """

@@ -260,7 +260,8 @@ def test_random_crops_are_aligned_slices_of_each_clip():
 
 
 def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
-    """The main job's video-VAE stage on 16 random clips, 4 steps, checkpoints every 2."""
+    """The main job's video-VAE stage on 16 random 8-frame 16x16 clips, 4 steps, checkpoints
+    every 2."""
     from types import SimpleNamespace
 
     from vdiff.config import load_config
@@ -268,34 +269,42 @@ def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
     from vdiff.train.checkpoint import Checkpointer
     from vdiff.train.stages import train_video_vae
 
-    config = load_config("tiny:smoke", ["vae.steps=4", "train.ckpt_every=2", *overrides])
+    small = ["data.resolution=16", "data.frames=8", "vae.channels=8"]
+    config = load_config("tiny:smoke", [*small, "vae.steps=4", "train.ckpt_every=2", *overrides])
     mesh = make_mesh(config)
-    video = np.random.default_rng(0).integers(0, 256, (16, 16, 32, 32, 3), dtype=np.uint8)
+    video = np.random.default_rng(0).integers(0, 256, (16, 8, 16, 16, 3), dtype=np.uint8)
     data = SimpleNamespace(train=SimpleNamespace(video=video))
     (engine, state), summary = train_video_vae(config, tmp_path / name, mesh, data)
-    ckpt = Checkpointer(tmp_path / name / "checkpoints" / "vae")
-    _, at2, _ = ckpt.restore(engine.abstract_state, engine.state_shardings, step=2)
-    ckpt.close()
     leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s["params"])]  # noqa: E731
-    return leaves(at2), leaves(state), summary
+    ckpt = Checkpointer(tmp_path / name / "checkpoints" / "vae")
+    at2 = None
+    if 2 in ckpt.all_steps():
+        at2 = leaves(ckpt.restore(engine.abstract_state, engine.state_shardings, step=2)[1])
+    ckpt.close()
+    return at2, leaves(state), summary
 
 
 def test_vae_crop_phase_then_whole_frames(tmp_path):
     from vdiff.train.stages import vae_crop_steps
 
-    two_phase = _train_vae_stage(tmp_path, "two", ["vae.train_crop=16", "vae.full_frame_steps=2"])
-    crops = _train_vae_stage(tmp_path, "crops", ["vae.train_crop=16"])
+    two_phase = _train_vae_stage(tmp_path, "two", ["vae.train_crop=8", "vae.full_frame_steps=2"])
+    crops = _train_vae_stage(tmp_path, "crops", ["vae.train_crop=8"])
     assert two_phase[2]["crop_steps"] == 2 and two_phase[2]["end_step"] == 4
+    assert two_phase[2]["full_frame_start_step"] == 2 and two_phase[2]["start_step"] == 0
     assert crops[2]["crop_steps"] == 4
     # Steps 1-2 are the crop run's own steps (same init, batches and noise) ...
     for a, b in zip(two_phase[0], crops[0]):
         np.testing.assert_array_equal(a, b)
     # ... and steps 3-4, resumed from that checkpoint, are not: they see whole frames.
     assert any(not np.array_equal(a, b) for a, b in zip(two_phase[1], crops[1]))
-    # A rerun finds the last checkpoint and trains nothing more.
-    again = _train_vae_stage(tmp_path, "two", ["vae.train_crop=16", "vae.full_frame_steps=2"])
-    assert again[2]["start_step"] == 4
-    for a, b in zip(again[1], two_phase[1]):
+    # Out of time inside the crop phase: the stage ends there (no whole-frame step), and
+    # the rerun finishes the crops first, ending exactly where the uninterrupted run did.
+    flags = ["vae.train_crop=8", "vae.full_frame_steps=2"]
+    cut = _train_vae_stage(tmp_path, "cut", [*flags, "train.time_budget_s=1e-6"])
+    assert cut[2]["end_step"] == 1 and "full_frame_start_step" not in cut[2]
+    rerun = _train_vae_stage(tmp_path, "cut", flags)
+    assert rerun[2]["start_step"] == 1 and rerun[2]["full_frame_start_step"] == 2
+    for a, b in zip(rerun[1], two_phase[1]):
         np.testing.assert_array_equal(a, b)
     cfg = get_base_config().vae
     cfg.steps, cfg.train_crop, cfg.full_frame_steps = 10, 16, 12

@@ -132,7 +132,7 @@ def audio_ae_engine(config, mesh) -> Engine:
 _STAGE_SEEDS = {"vae": 1, "audio_ae": 2, "dit": 3}
 
 
-def _run(name, engine, arrays, config, workdir, steps, batch_size):
+def _run(name, engine, arrays, config, workdir, steps, batch_size, time_budget_s=None):
     source = ArraySource(arrays, _per_process(batch_size), seed=config.seed + _STAGE_SEEDS[name])
     t = config.train
     return run_stage(
@@ -145,7 +145,7 @@ def _run(name, engine, arrays, config, workdir, steps, batch_size):
         seed=config.seed,
         log_every=min(t.log_every, steps),
         ckpt_every=t.ckpt_every,
-        time_budget_s=t.time_budget_s,
+        time_budget_s=t.time_budget_s if time_budget_s is None else time_budget_s,
     )
 
 
@@ -161,21 +161,31 @@ def train_video_vae(config, workdir: Path, mesh, data: Data):
     """Trains the video VAE: on crops up to :func:`vae_crop_steps`, on whole frames after.
 
     The two phases are one stage (one checkpoint directory, one lr schedule over
-    ``vae.steps``): the whole-frame phase resumes from the crop phase's last checkpoint,
-    and a restarted job skips whichever phase its checkpoints have already passed.
+    ``vae.steps``, one ``train.time_budget_s``): the whole-frame phase resumes from the
+    crop phase's last checkpoint, and in a restarted job the phase its checkpoints have
+    already passed trains nothing. A crop phase stopped by the time budget ends the stage
+    there, so a rerun finishes the crop steps before any whole-frame step.
     """
     arrays = {"video": data.train.video}
     steps, crop_steps = config.vae.steps, vae_crop_steps(config.vae)
+    budget = config.train.time_budget_s
+    batch = config.vae.batch_size
     first = None
     if 0 < crop_steps < steps:
         crops = video_vae_engine(config, mesh)
-        _, first = _run("vae", crops, arrays, config, workdir, crop_steps, config.vae.batch_size)
+        state, first = _run("vae", crops, arrays, config, workdir, crop_steps, batch)
+        if first["end_step"] < crop_steps:  # out of time in the crop phase
+            return (crops, state), {**first, "crop_steps": crop_steps}
+        if budget > 0:  # what is left of it (at least one step: every process agrees)
+            budget = max(budget - first["wall_s"], 1e-3)
     engine = video_vae_engine(config, mesh, crop=None if crop_steps == steps else 0)
-    state, summary = _run("vae", engine, arrays, config, workdir, steps, config.vae.batch_size)
+    state, summary = _run("vae", engine, arrays, config, workdir, steps, batch, budget)
     summary["crop_steps"] = crop_steps
     if first is not None:
+        summary["full_frame_start_step"] = summary["start_step"]
         summary["start_step"] = first["start_step"]
         summary["crop_wall_s"] = first["wall_s"]
+        summary["wall_s"] += first["wall_s"]
     return (engine, state), summary
 
 
