@@ -1,7 +1,8 @@
 """DiT-L: width 1024, depth 24, 16 heads, on 64x64x32 clips (`dit_l:128` for 128x128 buckets).
 
-Parameters: 1380.49M in the transformer + text encoder (video, audio and text streams
-each have their own per-block weights, MMDiT-style; ``python benchmarks/param_counts.py``). Sharded over fsdp by default.
+Parameters: 1380.49M in the transformer + text encoder (video, audio and text streams each
+have their own per-block weights, MMDiT-style; ``python benchmarks/param_counts.py``).
+Sharded over fsdp by default; the shared settings are in ``configs/dit_s.py:ladder_config``.
 """
 
 from configs.dit_s import ladder_config

@@ -1,7 +1,9 @@
-"""DiT-S: width 384, depth 12, 6 heads, on 64x64x32 clips (shapes or ingested records).
+"""DiT-S: width 384, depth 12, 6 heads, on 64x64x32 clips (`dit_s:128` for 128x128 buckets).
 
-Parameters: 104.35M in the transformer + text encoder (video, audio and text streams
-each have their own per-block weights, MMDiT-style; ``python benchmarks/param_counts.py``). Run e.g. ``vdiff train --config dit_s``.
+Parameters: 104.35M in the transformer + text encoder (video, audio and text streams each
+have their own per-block weights, MMDiT-style; ``python benchmarks/param_counts.py``).
+``ladder_config`` holds what the whole ladder shares, on shapes or ingested records
+(docs/architecture.md, "The scale ladder"). Run e.g. ``vdiff train --config dit_s``.
 """
 
 from configs.base import get_base_config
