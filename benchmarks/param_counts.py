@@ -16,6 +16,7 @@ from flax import nnx
 from vdiff.config import REPO_CONFIGS, load_config
 from vdiff.models.dit import DiT
 from vdiff.models.video_vae import VideoVAE
+from vdiff.train.stages import dit_sizes
 
 
 def count(make) -> int:
@@ -28,7 +29,7 @@ def main() -> None:
     print(f"{'config':8} {'width':>5} {'depth':>5} {'heads':>5} {'DiT+text':>12} {'video VAE':>10}")
     for name in names:
         c = load_config(name)
-        dit = count(lambda rngs, c=c: DiT.from_config(c, rngs))
+        dit = count(lambda rngs, c=c: DiT.from_config(c.model, dit_sizes(c), rngs))
         vae = count(lambda rngs, c=c: VideoVAE.from_config(c.vae, rngs))
         print(
             f"{name:8} {c.model.width:5d} {c.model.depth:5d} {c.model.heads:5d} {dit / 1e6:11.2f}M {vae / 1e6:9.2f}M"

@@ -31,7 +31,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.buckets = ((32, 32, 16),)  # (height, width, frames) buckets
     d.num_workers = 0  # grain worker processes (0 = in-process)
     d.prefetch = 2
-    d.shuffle_seed = 0
     # What the transformer stage trains from: "latents" reads the latent cache written once
     # (WORKDIR/latents, ArrayRecord shards; the fast default when the autoencoders are
     # fixed); "clips" encodes each batch of decoded clips with the frozen autoencoders
@@ -43,14 +42,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     v.spatial_down = 4
     v.temporal_down = 4
     v.latent_channels = 8
-    # Measured on shapes (CPU): width barely changed PSNR per step, while more, cheaper
-    # updates did; so a narrow net, batch 8 and a higher lr (see vdiff/models/video_vae.py).
+    # A narrow net, batch 8 and a higher lr: on a CPU budget more, cheaper updates beat
+    # width (docs/experiments.md, "2026-11-21 — video VAE width against more updates").
     v.channels = 16  # width at H/2; 2x at H/4 and in the latent-rate trunk
     v.kl_weight = 1e-6
     v.steps = 3000
     v.batch_size = 8
     v.lr = 5e-3
-    v.chunk_frames = 8  # frames per chunk in chunked causal decode
     # Train on random square crops of this side (pixels; 0 = whole frames). The VAE is
     # fully convolutional, so it encodes whole frames after training on crops; a crop of
     # a quarter of the pixels makes each step several times cheaper.
@@ -58,7 +56,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # With train_crop: the last this-many steps train on whole frames (0 = crops to the
     # end). Crops learn the local code cheaply; the whole-frame steps fit the frame edges
     # and the full-frame latent statistics that the transformer then sees (on the tiny data
-    # the transformer still fit such latents worse; configs/tiny.py).
+    # the transformer still fit such latents worse; docs/experiments.md,
+    # "2026-11-22 — crop-then-whole-frame VAE").
     v.full_frame_steps = 0
 
     # --- audio autoencoder (1D conv over log-mel).

@@ -35,7 +35,6 @@ import concurrent.futures
 import logging
 import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from absl import flags
+from tqdm import tqdm
 
 from data_pipelines import records, video_io
 from data_pipelines.audio import log_mel
@@ -321,7 +321,6 @@ class PipelineIterator:
 
 def _mark_flags_parsed() -> None:
     # grain's worker processes read absl flags; outside an absl app nobody parses them.
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -430,31 +429,6 @@ def make_pipeline(
 # --------------------------------------------------------------------------- global arrays
 
 
-def to_global(
-    batch: dict[str, Any], mesh, batch_axes: Sequence[str] = ("data", "fsdp")
-) -> dict[str, Any]:
-    """Assembles per-process batches into global jax.Arrays sharded over the batch axes.
-
-    Every process passes its own batch (same shapes on all); the global leading dim is
-    the sum over processes. String fields (``key``) are dropped.
-
-    Args:
-        batch: A numpy batch dict from :func:`make_pipeline`.
-        mesh: The device mesh.
-        batch_axes: Mesh axes the batch dimension is split over (those absent from the
-            mesh are ignored).
-    """
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    out = {}
-    for name, value in batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind in "USO":
-            continue
-        spec = PartitionSpec(axes if axes else None, *([None] * (value.ndim - 1)))
-        out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out
-
-
 # --------------------------------------------------------------------------- in memory
 
 
@@ -470,7 +444,6 @@ def decode_all(
         Arrays with the keys and dtypes of a pipeline batch (``video`` float32 [-1, 1] etc.),
         leading dim = number of good clips. 2048 clips of 32x32x16 take ~400 MB.
     """
-    from tqdm import tqdm
 
     height, width, frames = check_buckets(config.data.buckets)[0]
     settings = _settings(config, tokenizer)

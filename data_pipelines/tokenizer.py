@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from data_pipelines import ingest, records
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _NUM_SPECIAL = 4
 _NUM_BYTES = 256  # byte-fallback pieces <0x00> ... <0xFF>
@@ -236,7 +238,6 @@ def captions_from(src) -> list[str]:
     Returns:
         The captions that ingest would keep, in file order.
     """
-    from data_pipelines import ingest, records  # imported on use: only the CLI needs them
 
     src = Path(src)
     if src.is_file():

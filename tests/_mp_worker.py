@@ -1,7 +1,7 @@
 """A small training run for the multi-process and resume tests (run as a script).
 
 Trains a two-layer MLP through :func:`vdiff.train.loop.run_stage` on an
-:class:`~vdiff.train.loop.ArraySource`, exactly as a ``vdiff train`` stage does, in
+:class:`~vdiff.train.batch_source.ArraySource`, exactly as a ``vdiff train`` stage does, in
 every process started by ``launch/local.py`` (or alone). It records what it trains on
 and what it ends with, for the tests to compare:
 
@@ -137,7 +137,8 @@ def train(args) -> int:
     from jax.experimental import multihost_utils
 
     from vdiff.train import distributed
-    from vdiff.train.loop import ArraySource, PreemptedError, run_stage
+    from vdiff.train.batch_source import ArraySource
+    from vdiff.train.loop import PreemptedError, run_stage
 
     distributed.initialize()
     mesh_spec = json.loads(args.mesh)

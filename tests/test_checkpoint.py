@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _mp_worker as w
 
 from vdiff.errors import UserError
+from vdiff.train.batch_source import ArraySource
 from vdiff.train.checkpoint import Checkpointer, state_digest
-from vdiff.train.loop import ArraySource, PreemptedError, run_stage
+from vdiff.train.loop import PreemptedError, run_stage
 
 
 def _leaves(state) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ from vdiff.models.flops import (
 from vdiff.models.rope import ABS_FEATURES
 from vdiff.parallel import sharding
 from vdiff.parallel.mesh import make_mesh
+from vdiff.train.stages import dit_sizes
 
 B, VSHAPE, TA, L = 2, (3, 4, 4, 4), 12, 6
 
@@ -41,6 +42,10 @@ def small_cfg(**model):
     return cfg
 
 
+def dit_from(cfg, rngs, **overrides):
+    return DiT.from_config(cfg.model, dit_sizes(cfg), rngs, **overrides)
+
+
 def randomize(model, seed=0, scale=0.1):
     """Perturbs every parameter so zero-initialised gates/outputs do not hide effects.
 
@@ -55,7 +60,7 @@ def randomize(model, seed=0, scale=0.1):
 
 
 def build(seed=0, **model):
-    return randomize(DiT.from_config(small_cfg(**model), rngs(seed)), seed)
+    return randomize(dit_from(small_cfg(**model), rngs(seed)), seed)
 
 
 def inputs(seed=0, batch=B):
@@ -111,7 +116,7 @@ def test_patchify_rejects_indivisible_and_audio_round_trip():
 
 
 def test_output_shapes_zero_init_and_partition_names():
-    model = DiT.from_config(small_cfg(), rngs(0))
+    model = dit_from(small_cfg(), rngs(0))
     x = inputs()
     vv, va = call(model, x)
     assert vv.shape == x["video"].shape and va.shape == x["audio"].shape
@@ -127,7 +132,7 @@ def test_output_shapes_zero_init_and_partition_names():
 def test_scanned_equals_unscanned_and_remat_keeps_gradients():
     scanned = build(scan_layers=True)
     x = inputs()
-    unscanned = DiT.from_config(small_cfg(scan_layers=False), rngs(5))
+    unscanned = dit_from(small_cfg(scan_layers=False), rngs(5))
     nnx.update(unscanned, nnx.state(scanned))
     for a, b in zip(call(scanned, x), call(unscanned, x)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -136,7 +141,7 @@ def test_scanned_equals_unscanned_and_remat_keeps_gradients():
         vv, _ = m(x["video"], x["t_video"], x["tokens"], x["mask"])
         return jnp.sum(vv**2)
 
-    remat = DiT.from_config(small_cfg(), rngs(5), remat="full")
+    remat = dit_from(small_cfg(), rngs(5), remat="full")
     nnx.update(remat, nnx.state(scanned))
     g_ref = nnx.jit(nnx.grad(loss))(scanned)
     g_remat = nnx.jit(nnx.grad(loss))(remat)
@@ -263,11 +268,11 @@ def test_flops_match_compiled_forward_and_param_count(abs_pos):
     # Adding 10 words to the vocabulary adds exactly 10 embedding rows.
     bigger = small_cfg(abs_pos=abs_pos)
     bigger.data.vocab_size += 10
-    n0 = param_count(DiT.from_config(cfg, rngs(0)))
-    n1 = param_count(DiT.from_config(bigger, rngs(0)))
+    n0 = param_count(dit_from(cfg, rngs(0)))
+    n1 = param_count(dit_from(bigger, rngs(0)))
     assert n1 - n0 == 10 * cfg.model.text_width
     if abs_pos:  # and the features' projection is what abs_pos adds
-        without = param_count(DiT.from_config(small_cfg(scan_layers=False), rngs(0)))
+        without = param_count(dit_from(small_cfg(scan_layers=False), rngs(0)))
         assert n0 - without == (ABS_FEATURES + 1) * cfg.model.width
 
 

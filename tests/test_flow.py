@@ -10,6 +10,7 @@ from flax import nnx
 from vdiff.config import load_config
 from vdiff.diffusion.flow import flow_loss, interpolate, resolution_shift, sample_t, shift_t
 from vdiff.models.dit import DiT
+from vdiff.train.stages import dit_sizes
 
 
 def diffusion_cfg(**kw):
@@ -201,7 +202,9 @@ def test_single_batch_overfits():
     cfg.vae.latent_channels = cfg.audio_ae.latent_channels = 4
     cfg.data.vocab_size = 64
     cfg.diffusion.caption_dropout = cfg.diffusion.p_clean_audio = cfg.diffusion.p_clean_video = 0.0
-    model = DiT.from_config(cfg, nnx.Rngs(jax.random.key(0, impl="unsafe_rbg")))
+    model = DiT.from_config(
+        cfg.model, dit_sizes(cfg), nnx.Rngs(jax.random.key(0, impl="unsafe_rbg"))
+    )
     k = jax.random.split(jax.random.key(7), 3)
     b = dict(
         video_latents=jax.random.normal(k[0], (2, 2, 4, 4, 4)),

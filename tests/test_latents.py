@@ -5,6 +5,7 @@ same normalised latents as the cached path.
 Small random-init autoencoders on random clips (no dataset generation), shared by the
 module."""
 
+import dataclasses
 import math
 import shutil
 
@@ -22,6 +23,7 @@ from vdiff.models.video_vae import compute_latent_stats
 from vdiff.parallel.mesh import make_mesh
 from vdiff.train import stages
 from vdiff.train.data import Data, Split
+from vdiff.train.trained import Trained, TrainedModel
 
 CAPTION_LEN = 32
 NON_ASCII = "ein grüner Kreis — 緑の円が左へ 🎈"
@@ -61,7 +63,7 @@ def _split(rng, n, name):
 
 
 def _random_state(engine, seed, step=0):
-    """(engine, state) with random parameters from numpy: no init compile.
+    """A TrainedModel with random parameters from numpy: no init compile.
 
     Fan-in scaled kernels, biases and norm scales near 1: every layer mixes its inputs
     (a freshly initialised model starts some branches at zero).
@@ -75,7 +77,7 @@ def _random_state(engine, seed, step=0):
         for x in leaves
     ]
     params = jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for v in values])
-    return engine, {"params": params, "step": jnp.asarray(step, jnp.int32)}
+    return TrainedModel(engine, {"params": params, "step": jnp.asarray(step, jnp.int32)})
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,10 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     parts = {"train": _split(rng, 24, "train"), "val": _split(rng, 8, "val")}
     data = Data(root=tmp_path_factory.mktemp("data"), tokenizer=None, mel_stats={}, parts=parts)
-    ae = {
-        "vae": _random_state(stages.video_vae_engine(config, mesh), 1),
-        "audio_ae": _random_state(stages.audio_ae_engine(config, mesh), 2),
-    }
+    ae = Trained(
+        vae=_random_state(stages.video_vae_engine(config, mesh), 1),
+        audio_ae=_random_state(stages.audio_ae_engine(config, mesh), 2),
+    )
     workdir = tmp_path_factory.mktemp("work")
     # Several shards per split, so the reader's multi-file indexing is exercised.
     with pytest.MonkeyPatch.context() as mp:
@@ -107,13 +109,13 @@ def _encoded(ae, data, split):
 
 def test_cache_round_trips_bit_exactly(setup):
     _, _, data, ae, workdir, cache = setup
-    assert cache["dir"] == workdir / "latents"
-    train_shards = sorted(p.name for p in cache["dir"].glob("train-*.array_record"))
+    assert cache.dir == workdir / "latents"
+    train_shards = sorted(p.name for p in cache.dir.glob("train-*.array_record"))
     assert len(train_shards) > 1
     assert train_shards[0] == f"train-00000-of-{len(train_shards):05d}.array_record"
     for split in ("train", "val"):
         video, audio = _encoded(ae, data, split)
-        got = lc.load_split(cache["dir"], split)
+        got = lc.load_split(cache.dir, split)
         s = data.split(split)
         assert got["video"].dtype == np.float32 and np.array_equal(got["video"], video)
         assert np.array_equal(got["audio"], audio)
@@ -122,18 +124,18 @@ def test_cache_round_trips_bit_exactly(setup):
             assert np.array_equal(got[name], getattr(s, name)), name
         assert np.array_equal(got["index"], s.indices)
         assert list(got["key"]) == s.keys and list(got["caption"]) == s.captions
-        assert cache["meta"]["splits"][split]["count"] == len(s)
-    assert lc.load_split(cache["dir"], "val")["caption"][1] == NON_ASCII
+        assert cache.meta["splits"][split]["count"] == len(s)
+    assert lc.load_split(cache.dir, "val")["caption"][1] == NON_ASCII
     # Statistics: over the train split, exact through stats.json, and what the call returned.
     video, audio = _encoded(ae, data, "train")
-    stats = lc.load_stats(cache["dir"])
+    stats = lc.load_stats(cache.dir)
     for mod, z in (("video", video), ("audio", audio)):
         want = compute_latent_stats(z)
         for k in ("shift", "scale"):
             assert stats[mod][k].dtype == np.float32
             assert np.array_equal(stats[mod][k], np.asarray(want[k]))
-            assert np.array_equal(stats[mod][k], cache["stats"][mod][k])
-    tag = cache["meta"]["tag"]
+            assert np.array_equal(stats[mod][k], cache.stats[mod][k])
+    tag = cache.meta["tag"]
     assert tag["vae_step"] == 0 and tag["audio_step"] == 0
     assert tag["data"]["clips"] == {"train": 24, "val": 8}
 
@@ -172,13 +174,13 @@ def test_cache_reused_while_tag_matches_rebuilt_when_it_changes(setup, monkeypat
     with monkeypatch.context() as mp:
         mp.setattr(stages, "encoder_fns", no_encoding)
         again = stages.cache_latents(config, wd, mesh, data, ae)
-    assert again["meta"] == lc.read_meta(wd / "latents")
+    assert again.meta == lc.read_meta(wd / "latents")
     assert {p.name: p.stat().st_mtime_ns for p in (wd / "latents").iterdir()} == mtimes
 
     # Another VAE checkpoint (new weights at another step): the tag changes, the cache follows.
-    new_ae = {**ae, "vae": _random_state(ae["vae"][0], seed=8, step=5)}
+    new_ae = dataclasses.replace(ae, vae=_random_state(ae.vae.engine, seed=8, step=5))
     rebuilt = stages.cache_latents(config, wd, mesh, data, new_ae)
-    assert rebuilt["meta"]["tag"]["vae_step"] == 5
+    assert rebuilt.meta["tag"]["vae_step"] == 5
     video, _ = _encoded(new_ae, data, "train")
     got = lc.load_split(wd / "latents", "train")["video"]
     assert np.array_equal(got, video)
@@ -232,9 +234,9 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
 
 def test_clip_encoder_matches_cached_latents(setup):
     config, mesh, data, ae, _, cache = setup
-    encode = stages.clip_encoder(config, ae, cache["stats"])
+    encode = stages.clip_encoder(config, ae, cache.stats)
     cached = stages.dit_arrays(config, cache)
-    raw = stages.dit_clip_arrays(config, data, cache["stats"])
+    raw = stages.dit_clip_arrays(config, data, cache.stats)
     rows = np.arange(8, 16)
     sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     batch = {k: jax.device_put(v[rows], sharded) for k, v in raw.items()}
@@ -250,14 +252,14 @@ def test_dit_loss_same_from_cache_or_clips(setup):
     """The transformer's loss in "clips" mode (encode inside the jit) equals the cached one."""
     config, mesh, data, ae, _, cache = setup
     cached = {k: v[:8] for k, v in stages.dit_arrays(config, cache).items()}
-    clips = {k: v[:8] for k, v in stages.dit_clip_arrays(config, data, cache["stats"]).items()}
+    clips = {k: v[:8] for k, v in stages.dit_clip_arrays(config, data, cache.stats).items()}
     engines = {
         "latents": stages.dit_engine(config, mesh),
         "clips": stages.dit_engine(
-            config, mesh, encode=stages.clip_encoder(config, ae, cache["stats"])
+            config, mesh, encode=stages.clip_encoder(config, ae, cache.stats)
         ),
     }
-    _, state = _random_state(engines["latents"], 3)
+    state = _random_state(engines["latents"], 3).state
     gdef, params = nnx.split(engines["latents"].model(state))
     rng = jax.random.PRNGKey(3)
     losses = {}
@@ -280,4 +282,4 @@ def test_dit_input_is_checked(setup):
     clips = config.copy_and_resolve_references()
     clips.data.dit_input = "clips"
     with pytest.raises(UserError, match="autoencoders"):
-        stages.train_dit(clips, data.root, mesh, data, cache, {})
+        stages.train_dit(clips, data.root, mesh, data, cache, Trained())

@@ -113,7 +113,8 @@ def test_two_processes_match_one_process(reference, devices, tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     import _mp_worker as w
 
-    from vdiff.train.loop import ArraySource, run_stage
+    from vdiff.train.batch_source import ArraySource
+    from vdiff.train.loop import run_stage
 
     workdir = tmp_path
     cfg, engine = w.build(json.loads(MESH), STEPS)

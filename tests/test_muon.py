@@ -2,16 +2,19 @@
 orthogonalised, that the masked optimiser state shards and checkpoints like AdamW's,
 and that a sharded Muon step equals the 1-device step."""
 
+import json
+
 import jax
 import numpy as np
 import optax
 import pytest
 from test_dit_sharded import FAST_COMPILE, batch, perturbed_initial_state, tiny_config
 
+from vdiff.config import upgrade_config
 from vdiff.errors import UserError
+from vdiff.models.dit import DiT
 from vdiff.parallel.mesh import make_mesh
 from vdiff.train.checkpoint import Checkpointer
-from vdiff.train.engine import muon_dims
 from vdiff.train.stages import dit_engine
 
 
@@ -33,7 +36,7 @@ def _flat(tree):
 
 def test_muon_takes_hidden_matrices_and_leaves_the_rest_to_adam(devices):
     engine = _engine(dict(data=1), devices)
-    dims = _flat(muon_dims(engine.abstract_state["params"]))
+    dims = _flat(DiT.muon_dims(engine.abstract_state["params"]))
     muon = {k for k, v in dims.items() if v is not None}
     assert muon, "no parameter was given to Muon"
     for k in muon:  # attention and MLP projections inside the blocks / text encoder
@@ -113,8 +116,9 @@ def test_muon_state_checkpoints_and_sharded_step_matches(devices, one_device, tm
 def test_config_saved_without_the_optimizer_key_builds_adamw(devices):
     """Workdirs written before ``train.optimizer`` existed (AdamW runs) still sample,
     evaluate and export: their saved config has no such key."""
-    cfg = tiny_config(dict(data=1))
-    del cfg.train["optimizer"]
+    saved = json.loads(tiny_config(dict(data=1)).to_json())
+    del saved["train"]["optimizer"]
+    cfg = upgrade_config(saved)
     engine = dit_engine(cfg, make_mesh(cfg, devices[:1]))
     assert engine.optim.optimizer == "adamw"
     mu = engine.abstract_state["opt"]

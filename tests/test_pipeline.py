@@ -17,6 +17,7 @@ from data_pipelines import pipeline, records
 from data_pipelines.buckets import bucket_for_step, check_buckets
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.config import load_config
+from vdiff.parallel.mesh import to_global
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLIPS = 24
@@ -282,7 +283,7 @@ def test_to_global_shards_the_batch(devices, mesh_shape):
         "tokens": rng.integers(0, 100, (16, 6)).astype(np.int32),
         "key": np.array([f"k{i}" for i in range(16)]),
     }
-    out = pipeline.to_global(batch, mesh)
+    out = to_global(batch, mesh)
     assert set(out) == {"video", "tokens"}
     for k, arr in out.items():
         assert arr.shape == batch[k].shape  # one process: global = local

@@ -9,6 +9,7 @@ from flax import nnx
 from vdiff.config import load_config
 from vdiff.diffusion.samplers import sample, time_grid
 from vdiff.models.dit import DiT
+from vdiff.train.stages import dit_sizes
 
 B, C = 2, 4
 SHAPES = {"video": (B, 2, 4, 4, C), "audio": (B, 8, C)}
@@ -23,7 +24,9 @@ def tiny_model(seed=0):
     m.patch, m.audio_patch, m.text_attention = (1, 2, 2), 1, "joint"
     cfg.vae.latent_channels = cfg.audio_ae.latent_channels = C
     cfg.data.vocab_size = 64
-    model = DiT.from_config(cfg, nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg")))
+    model = DiT.from_config(
+        cfg.model, dit_sizes(cfg), nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+    )
     # Perturb the zero-initialised output layers so the velocity is not identically 0.
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))

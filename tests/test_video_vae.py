@@ -274,7 +274,8 @@ def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
     mesh = make_mesh(config)
     video = np.random.default_rng(0).integers(0, 256, (16, 8, 16, 16, 3), dtype=np.uint8)
     data = SimpleNamespace(train=SimpleNamespace(video=video))
-    (engine, state), summary = train_video_vae(config, tmp_path / name, mesh, data)
+    trained, summary = train_video_vae(config, tmp_path / name, mesh, data)
+    engine, state = trained.engine, trained.state
     leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s["params"])]  # noqa: E731
     ckpt = Checkpointer(tmp_path / name / "checkpoints" / "vae")
     at2 = None

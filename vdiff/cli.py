@@ -250,13 +250,13 @@ def run(argv: list[str]) -> int:
     if overrides and args.command not in ("train", "data"):
         raise UserError(f"--config.* overrides apply to 'vdiff train', not 'vdiff {args.command}'")
     _setup_logging()
+    # Imported here, not at the top: `vdiff --help` and argument errors answer without
+    # loading JAX and the models (seconds).
     from vdiff import commands
 
-    if args.command == "data":
-        if args.data_command is None:
-            parser.parse_args(["data", "--help"])
-        return commands.data(args, overrides)
-    return getattr(commands, args.command)(args, overrides)
+    if args.command == "data" and args.data_command is None:
+        parser.parse_args(["data", "--help"])
+    return commands.COMMANDS[args.command](args, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,24 +8,27 @@ import logging
 import os
 from pathlib import Path
 
+import jax
+
+from data_pipelines.ingest import ingest
+from data_pipelines.shapes.synth import synth_splits
+from data_pipelines.tokenizer import captions_from, train_tokenizer
+from vdiff import sampling, serving
+from vdiff.config import load_config, validate
 from vdiff.errors import UserError
+from vdiff.eval.sweep import parse_spec, run_sweep
+from vdiff.export.bundle import export_workdir
+from vdiff.train import distributed, main_job
+from vdiff.train.loop import PreemptedError
 
 log = logging.getLogger("vdiff")
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from vdiff.config import load_config
-    from vdiff.train import distributed
-
     distributed.initialize()
     config = load_config(args.config, overrides)
-    import jax
-
-    from vdiff.config import validate
 
     validate(config, jax.device_count())  # fail on a bad mesh before any work
-    from vdiff.train import main_job
-    from vdiff.train.loop import PreemptedError
 
     try:
         main_job.run(config, Path(args.workdir), report=not args.no_report)
@@ -47,31 +50,23 @@ def _preempted_exit_code() -> int:
 
 def sample(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.bundle:
-        from vdiff import serving
-
         paths = serving.sample_cli(args)
     else:
-        from vdiff import sampling
-
         paths = sampling.sample_cli(args)
     for p in paths:
         print(p)
     return 0
 
 
-def eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from vdiff.eval.sweep import parse_spec
-
+def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.i3d:
         raise UserError(
             "--i3d (FVD with I3D weights) is not supported in this version; drop --i3d "
             "(the sweep reports fd_vae_features, a Fréchet distance on vdiff's own VAE features)"
         )
     spec = parse_spec(args.sweep)  # a bad spec fails before any JAX start-up
-    from vdiff.train import distributed
 
     distributed.initialize()
-    from vdiff.eval.sweep import run_sweep
 
     out = run_sweep(
         Path(args.workdir),
@@ -85,8 +80,6 @@ def eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from vdiff.export.bundle import export_workdir
-
     export_workdir(Path(args.workdir), Path(args.out), dtype=args.dtype, use_ema=args.ema)
     print(args.out)
     return 0
@@ -95,8 +88,6 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
 def data(args: argparse.Namespace, overrides: list[str]) -> int:
     cmd = args.data_command
     if cmd == "synth":
-        from data_pipelines.shapes.synth import synth_splits
-
         num_val = args.num_val if args.num_val is not None else max(1, args.num_clips // 8)
         counts = synth_splits(
             args.out,
@@ -113,8 +104,6 @@ def data(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(counts))
         return 0
     if cmd == "ingest":
-        from data_pipelines.ingest import ingest
-
         src = Path(args.src)
         if not src.is_dir():
             raise UserError(
@@ -135,17 +124,16 @@ def data(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(counts))
         return 0
     if cmd == "tokenizer":
-        from data_pipelines.tokenizer import captions_from, train_tokenizer
-
         path = train_tokenizer(captions_from(Path(args.src)), args.out, vocab_size=args.vocab_size)
         print(path)
         return 0
     if cmd == "latents":
-        from vdiff.config import load_config
-        from vdiff.train import main_job
-
         config = load_config(args.config, overrides)
         out = main_job.cache_latents_cli(config, Path(args.workdir))
         print(out)
         return 0
     raise UserError(f"unknown data command '{cmd}'; use one of synth, ingest, tokenizer, latents")
+
+
+# ``vdiff COMMAND`` -> the function that runs it.
+COMMANDS = {"train": train, "sample": sample, "eval": evaluate, "export": export, "data": data}

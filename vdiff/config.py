@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import ml_collections
 
 from vdiff.errors import UserError
+
+log = logging.getLogger(__name__)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
@@ -40,27 +44,134 @@ def resolve_config_path(spec: str) -> tuple[Path, str | None]:
     return path, (arg or None)
 
 
+def load_config_file(path: Path, function: str):
+    """The function ``function`` of the config file ``path`` (executed as a module)."""
+    # Config files import `configs.base`; make the folder above configs/ importable.
+    root = str(Path(path).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"vdiff_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, function):
+        raise UserError(
+            f"config file {path} has no {function}(arg) function; add one returning a ConfigDict"
+        )
+    return getattr(module, function)
+
+
 def load_config(
     spec: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ml_collections.ConfigDict:
     """Loads a config file, applies ``a.b=value`` overrides, and checks the result."""
     path, arg = resolve_config_path(spec or DEFAULT_CONFIG)
-    # Config files import `configs.base`; make the folder above configs/ importable.
-    root = str(path.resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"vdiff_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(
-            f"config file {path} has no get_config(arg) function; add one returning a ConfigDict"
-        )
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    get_config = load_config_file(path, "get_config")
+    config = get_config(arg) if arg is not None else get_config()
     for item in overrides:
         apply_override(config, item)
     check_static(config)
     return config
+
+
+# Keys added to configs/base.py after workdirs were first written, with the value that
+# reproduces how a run behaved before the key existed (which is not always today's default:
+# e.g. runs before diffusion.p_no_cross_modal never masked audio<->video attention).
+ADDED_KEYS: dict[str, Any] = {
+    "data.audio": True,
+    "data.dit_input": "latents",
+    "vae.train_crop": 0,
+    "vae.full_frame_steps": 0,
+    "model.cross_modal": True,
+    "model.rope_time_scale": 25.0,
+    "model.rope_theta": 10000.0,
+    "model.abs_pos": False,
+    "model.freeze_text": False,
+    "train.optimizer": "adamw",
+    "train.remat": "none",
+    "train.compute_dtype": "float32",
+    "train.param_dtype": "float32",
+    "diffusion.t_uniform": 0.0,
+    "diffusion.p_no_cross_modal": 0.0,
+    "sample.renoise_t": (),
+}
+
+
+def upgrade_config(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved by an earlier vdiff (a workdir's or bundle's ``config.json``) with
+    every key that today's code reads.
+
+    A key in :data:`ADDED_KEYS` that the saved config lacks takes the value that reproduces
+    the old run; any other missing key takes its ``configs/base.py`` default (logged). Keys
+    that base no longer has are dropped. JSON lists become the config's tuples again.
+    """
+    base = base_config()
+    config = ml_collections.ConfigDict(_tuplify(saved))
+    for key in _all_keys(base):
+        if isinstance(_lookup(base, key), ml_collections.ConfigDict):
+            continue
+        group, _, leaf = key.rpartition(".")
+        if group:
+            _set_group(config, group)
+        node = _lookup(config, group) if group else config
+        if leaf in node:
+            continue
+        if key in ADDED_KEYS:
+            node[leaf] = ADDED_KEYS[key]
+        else:
+            node[leaf] = _lookup(base, key)
+            log.info(
+                "config: %s missing from the saved config; using the default %r", key, node[leaf]
+            )
+    for key in _all_keys(config):
+        group, _, leaf = key.rpartition(".")
+        if _lookup(base, key) is _MISSING and group not in _OPEN_GROUPS:
+            node = _lookup(config, group) if group else config
+            if node is not _MISSING and leaf in node:
+                del node[leaf]
+    return config
+
+
+def load_saved_config(path: Path) -> ml_collections.ConfigDict:
+    """Reads a ``config.json`` written by ``vdiff train`` and upgrades it (:func:`upgrade_config`)."""
+    return upgrade_config(json.loads(Path(path).read_text()))
+
+
+# Groups whose keys are data, not a fixed schema (mesh axis sizes are checked by name).
+_OPEN_GROUPS = ("mesh.shape", "mesh.dcn_shape")
+
+
+_MISSING = object()
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """``configs/base.py``'s config: every key with its default."""
+    return load_config_file(REPO_CONFIGS / "base.py", "get_base_config")()
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set_group(config: ml_collections.ConfigDict, group: str) -> None:
+    node = config
+    for part in group.split("."):
+        if part not in node:
+            node[part] = ml_collections.ConfigDict()
+        node = node[part]
+
+
+def _tuplify(value: Any) -> Any:
+    """JSON turns tuples into lists; the config's sequence values are tuples."""
+    if isinstance(value, dict):
+        return {k: _tuplify(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuplify(v) for v in value)
+    return value
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -155,7 +266,7 @@ def check_static(config: ml_collections.ConfigDict) -> None:
     for a, s in mesh.shape.items():
         if s != -1 and s < 1:
             raise UserError(f"mesh.shape.{a}={s}: sizes must be >= 1 or -1 (fill)")
-    crop = config.get("vae", {}).get("train_crop", 0)
+    crop = config.vae.train_crop
     if crop:
         down, res = config.vae.spatial_down, config.data.resolution
         if crop % down or not 0 < crop <= res:
@@ -163,7 +274,7 @@ def check_static(config: ml_collections.ConfigDict) -> None:
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
                 f"(0, data.resolution={res}]; or 0 to train on whole frames"
             )
-    full = config.get("vae", {}).get("full_frame_steps", 0)
+    full = config.vae.full_frame_steps
     if full < 0 or (full and not crop):
         raise UserError(
             f"vae.full_frame_steps={full}: the whole-frame steps that end a crop-trained VAE; "
@@ -171,7 +282,7 @@ def check_static(config: ml_collections.ConfigDict) -> None:
         )
     _check_probabilities(config)
     _check_renoise_levels(config)
-    optimizer = config.get("train", {}).get("optimizer", "adamw")
+    optimizer = config.train.optimizer
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"train.optimizer={optimizer!r}: use 'adamw' or 'muon'")
 
@@ -187,16 +298,14 @@ _PROBABILITIES = (
 
 def _check_probabilities(config: ml_collections.ConfigDict) -> None:
     """The diffusion section's fractions of examples lie in [0, 1] (two clean draws share one)."""
-    d = config.get("diffusion")
-    if d is None:
-        return
+    d = config.diffusion
     for name in _PROBABILITIES:
-        p = d.get(name, 0.0)
+        p = d[name]
         if not 0.0 <= p <= 1.0:
             raise UserError(
                 f"diffusion.{name}={p} is a fraction of examples; use a value in [0, 1]"
             )
-    clean = d.get("p_clean_audio", 0.0) + d.get("p_clean_video", 0.0)
+    clean = d.p_clean_audio + d.p_clean_video
     if clean > 1.0:
         raise UserError(
             f"diffusion.p_clean_audio + diffusion.p_clean_video = {clean} > 1: they split one "
@@ -206,8 +315,7 @@ def _check_probabilities(config: ml_collections.ConfigDict) -> None:
 
 def _check_renoise_levels(config: ml_collections.ConfigDict) -> None:
     """The report's re-noising levels lie strictly inside (0, 1) (it divides by 1 - t)."""
-    s = config.get("sample")
-    for t in s.get("renoise_t", ()) if s is not None else ():
+    for t in config.sample.renoise_t:
         if not 0.0 < float(t) < 1.0:
             raise UserError(
                 f"sample.renoise_t has {t}: re-noising levels lie strictly between 0 (the clip) "
@@ -217,7 +325,7 @@ def _check_renoise_levels(config: ml_collections.ConfigDict) -> None:
 
 def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes with -1 filled; fails naming the sizes and the device count."""
-    shape = {a: int(config.mesh.shape.get(a, 1)) for a in MESH_AXES}
+    shape = {a: int(config.mesh.shape[a]) for a in MESH_AXES}
     fixed = math.prod(s for s in shape.values() if s != -1)
     fill = [a for a, s in shape.items() if s == -1]
     sizes = ", ".join(f"{a}={s}" for a, s in shape.items())

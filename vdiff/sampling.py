@@ -14,13 +14,27 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from data_pipelines.audio import mels_to_waves
+from data_pipelines.latents import load_stats
+from data_pipelines.mp4 import encode_mp4
+from data_pipelines.tokenizer import Tokenizer
+from vdiff.config import load_saved_config
+from vdiff.diffusion import samplers
+
 # Shared with export bundles (vdiff.serving), which draw the same noise.
 from vdiff.diffusion.schedule import noise_key as noise_key
+from vdiff.diffusion.schedule import per_example_noise
 from vdiff.errors import UserError
+from vdiff.models.video_vae import denormalize, from_pixels, normalize
+from vdiff.parallel.mesh import make_mesh
+from vdiff.train import stages
+from vdiff.train.data import data_root
+from vdiff.train.trained import Trained, restore_stage
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +51,15 @@ class Generator:
 
     # ------------------------------------------------------------- building
     @classmethod
-    def from_stages(cls, config, data, ae: dict, *, use_ema: bool = True) -> Generator:
-        """From the main job's trained stages (engine, state) in memory."""
-        vae_engine, vae_state = ae["vae"]
-        dit_engine, dit_state, stats = ae["dit"]
-        audio = None
-        if "audio_ae" in ae:
-            a_engine, a_state = ae["audio_ae"]
-            audio = a_engine.model(a_state)
+    def from_stages(cls, config, data, trained: Trained, *, use_ema: bool = True) -> Generator:
+        """From the main job's trained stages in memory."""
         return cls(
             config=config,
-            vae=vae_engine.model(vae_state),
-            dit=dit_engine.model(dit_state, ema=use_ema),
+            vae=trained.vae.model(),
+            dit=trained.dit.model(ema=use_ema),
             tokenizer=data.tokenizer,
-            latent_stats=stats,
-            audio_ae=audio,
+            latent_stats=trained.latent_stats,
+            audio_ae=trained.audio_ae.model() if trained.audio_ae is not None else None,
             mel_stats=data.mel_stats,
         )
 
@@ -64,24 +72,19 @@ class Generator:
         Each stage's newest readable checkpoint is used, except the transformer's when
         ``dit_step`` names one (see :func:`restore_dit`).
         """
-        from data_pipelines.tokenizer import Tokenizer
-        from vdiff.parallel.mesh import make_mesh
-        from vdiff.train import stages
-        from vdiff.train.data import data_root
 
         workdir = Path(workdir)
         config = workdir_config(workdir)
         mesh = make_mesh(config)
         vae_engine = stages.video_vae_engine(config, mesh)
-        vae = vae_engine.model(_restore(workdir, "vae", vae_engine))
+        vae = restore_stage(workdir, "vae", vae_engine).model()
         dit = restore_dit(workdir, config, mesh, step=dit_step, use_ema=use_ema)
         audio = None
-        from data_pipelines.latents import load_stats
 
         latent_stats = load_stats(workdir / "latents")
         if "audio" in latent_stats:
             a_engine = stages.audio_ae_engine(config, mesh)
-            audio = a_engine.model(_restore(workdir, "audio_ae", a_engine))
+            audio = restore_stage(workdir, "audio_ae", a_engine).model()
         data_stats = json.loads((workdir / "data_stats.json").read_text())
         tokenizer = Tokenizer(data_root(config, workdir) / "tokenizer.model")
         return cls(config, vae, dit, tokenizer, latent_stats, audio, data_stats["mel"])
@@ -185,7 +188,6 @@ class Generator:
         self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal,
         start=None,
     ):  # fmt: skip
-        from vdiff.diffusion.samplers import per_example_noise, sample
 
         n = len(rngs)
         # Each example's noise comes from its own key; then one batched sampler call.
@@ -193,7 +195,7 @@ class Generator:
         t_start = 1.0
         if start is not None:  # (video latents at t, t): sampling starts there
             noise["video"], t_start = start
-        out = sample(
+        out = samplers.sample(
             self.dit,
             jnp.asarray(tokens),
             jnp.asarray(mask),
@@ -219,7 +221,6 @@ class Generator:
         ``eps`` is each clip's starting noise from its key in ``rngs`` (one per clip,
         :func:`noise_key`), the same draw that :meth:`generate` would start from.
         """
-        from vdiff.diffusion.schedule import per_example_noise
 
         x0 = self.encode(videos)
         if len(rngs) != x0.shape[0]:
@@ -229,15 +230,12 @@ class Generator:
 
     def encode(self, videos: np.ndarray) -> jax.Array:
         """uint8 clips ``(B, T, H, W, 3)`` -> normalised video latents (the encoder mean)."""
-        from vdiff.models.video_vae import normalize
 
         z = encode_video_mean(self.vae, jnp.asarray(videos))
         return normalize(z, self.latent_stats["video"])
 
     def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
         """Normalised latents -> uint8 video (+ waveform)."""
-        from data_pipelines.audio import mels_to_waves
-        from vdiff.models.video_vae import denormalize
 
         s = self.latent_stats["video"]
         z = denormalize(video_latents, s)
@@ -262,27 +260,13 @@ def workdir_config(workdir: Path) -> ml_collections.ConfigDict:
     cfg_path = Path(workdir) / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{workdir} has no config.json; pass a workdir written by 'vdiff train'")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    _tuplify(config)
+    config = load_saved_config(cfg_path)
     for axis in config.mesh.shape:
         config.mesh.shape[axis] = -1 if axis == "data" else 1
     config.train.batch_size = config.vae.batch_size = config.audio_ae.batch_size = (
         jax.device_count()
     )
     return config
-
-
-def _restore(workdir: Path, name: str, engine, step: int | None = None):
-    from vdiff.train.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(Path(workdir) / "checkpoints" / name)
-    try:
-        out = ckpt.restore(engine.abstract_state, engine.state_shardings, step=step)
-    finally:
-        ckpt.close()
-    if out is None:
-        raise UserError(f"{workdir}/checkpoints/{name} has no checkpoint; train that stage first")
-    return out[1]
 
 
 def restore_dit(
@@ -305,16 +289,13 @@ def restore_dit(
         engine: a ``stages.dit_engine`` to reuse (building one traces the model).
     """
     if engine is None:
-        from vdiff.parallel.mesh import make_mesh
-        from vdiff.train import stages
-
         engine = stages.dit_engine(config, mesh if mesh is not None else make_mesh(config))
     if step is not None and not (Path(workdir) / "checkpoints" / "dit" / str(step)).is_dir():
         raise UserError(
             f"{workdir}/checkpoints/dit has no step {step}; pick one of "
             f"{dit_checkpoint_steps(workdir) or 'none (train the transformer first)'}"
         )
-    return engine.model(_restore(workdir, "dit", engine, step), ema=use_ema)
+    return restore_stage(workdir, "dit", engine, step).model(ema=use_ema)
 
 
 def dit_checkpoint_steps(workdir: Path) -> list[int]:
@@ -332,7 +313,6 @@ def dit_checkpoint_steps(workdir: Path) -> list[int]:
 @nnx.jit
 def encode_video_mean(vae, videos):
     """uint8 clips ``(B, T, H, W, 3)`` -> the video VAE's latent means (not normalised)."""
-    from vdiff.models.video_vae import from_pixels
 
     return vae.encode(from_pixels(videos))[0]
 
@@ -347,15 +327,6 @@ def _decode_audio(audio_ae, z):
     return audio_ae.decode(z)
 
 
-def _tuplify(config: ml_collections.ConfigDict) -> None:
-    """JSON turns tuples into lists; the config's sequence values are tuples."""
-    for k, v in config.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            _tuplify(v)
-        elif isinstance(v, list):
-            config[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-
-
 def write_clip(
     path: Path,
     video: np.ndarray,
@@ -364,7 +335,6 @@ def write_clip(
     sample_rate: int = 16000,
 ) -> dict[str, Path]:
     """Writes ``path``.mp4 (H.264 + AAC) and ``path``.png (a strip of up to 8 frames)."""
-    from data_pipelines.mp4 import encode_mp4
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +345,6 @@ def write_clip(
     strip = np.concatenate(list(video[:: max(1, len(video) // 8)]), axis=1)
     scale = max(1, 96 // video.shape[1])
     strip = strip.repeat(scale, 0).repeat(scale, 1)
-    import matplotlib.image
 
     matplotlib.image.imsave(png, strip)
     return {"mp4": mp4, "png": png}

@@ -25,8 +25,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 from jax import export
 
+from data_pipelines.audio import mels_to_waves
+from data_pipelines.tokenizer import Tokenizer
 from vdiff.diffusion.schedule import noise_key, per_example_noise, time_grid
 from vdiff.errors import UserError
 from vdiff.manifest import read_versioned_json
@@ -185,8 +188,6 @@ class Bundle:
             "video_latents": np.asarray(video_latents),
         }
         if audio_latents is not None:
-            from data_pipelines.audio import mels_to_waves
-
             g = self.manifest["generation"]
             mel = np.asarray(
                 self.call(
@@ -224,8 +225,6 @@ def load_bundle(path: str | Path) -> Bundle:
             data[rel] = blob
     if missing := sorted(parsed - set(data)):
         raise UserError(f"{path}/{MANIFEST} does not list {missing}; {_FIX}")
-
-    from data_pipelines.tokenizer import Tokenizer
 
     tensors = _load_safetensors(path, manifest["tensors"]["file"], data)
     stats = _load_safetensors(path, manifest["stats"]["file"], data)
@@ -277,7 +276,6 @@ def sample_cli(args) -> list[Path]:
 
 def _load_safetensors(path: Path, rel: str, data: dict) -> dict[str, np.ndarray]:
     """Parses a safetensors file from its checked bytes (bfloat16 included)."""
-    import safetensors
 
     try:
         entries = safetensors.deserialize(data[rel])

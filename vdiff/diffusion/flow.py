@@ -120,7 +120,7 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     tokens = jnp.where(drop[:, None], empty_tok, tokens)
     mask = jnp.where(drop[:, None], empty_mask, mask)
 
-    t = sample_t(k_t, (b,), d.t_mean, d.t_std, d.shift, d.get("t_uniform", 0.0))
+    t = sample_t(k_t, (b,), d.t_mean, d.t_std, d.shift, d.t_uniform)
     eps_v = jax.random.normal(k_ev, x0_v.shape, jnp.float32).astype(x0_v.dtype)
     zero = jnp.zeros((b,), bool)
     clean_audio = clean_video = zero
@@ -138,7 +138,7 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     if x0_a is not None:
         eps_a = jax.random.normal(k_ea, x0_a.shape, jnp.float32).astype(x0_a.dtype)
         kwargs = dict(audio=interpolate(x0_a, eps_a, t_a), t_audio=t_a, audio_mask=has_audio)
-        p_sep = d.get("p_no_cross_modal", 0.0)
+        p_sep = d.p_no_cross_modal
         if p_sep > 0:  # per-example: video and audio denoised without seeing each other
             kwargs["cross_modal"] = jax.random.uniform(k_cross, (b,)) >= p_sep
     pred_v, pred_a = model(xt_v, t_v, tokens, mask, **kwargs)

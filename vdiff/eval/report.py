@@ -26,11 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vdiff.eval.oracle import score_clips
+from data_pipelines.audio import mels_to_waves
+from data_pipelines.pipeline import open_split
+from data_pipelines.records import decode_record
+from data_pipelines.video_io import decode_audio
+from vdiff.eval.oracle import parse_caption, score_clips
 from vdiff.eval.sync import sync_scores_many
 from vdiff.models.losses import psnr, ssim
 from vdiff.models.video_vae import from_pixels
 from vdiff.sampling import Generator, noise_key, write_clip
+from vdiff.train.trained import Trained
 
 log = logging.getLogger(__name__)
 ATTRS = ("colour_acc", "shape_acc", "direction_acc", "background_acc")
@@ -64,7 +69,6 @@ def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
 def clip_scores(video, caption: str, fps: float, audio=None, sr: int = 16000) -> dict:
     """One clip's scores: the oracle's attributes (``ATTRS``) when the caption names a
     coloured shape, and with audio the sync scores (``sync_*``, see :func:`_sync`)."""
-    from vdiff.eval.oracle import parse_caption
 
     out = {}
     if parse_caption(caption)["shapes"]:
@@ -94,18 +98,16 @@ def vae_recon_scores(vae, videos, batch: int = 16) -> tuple[float, float]:
     return ps / len(videos), ss / len(videos)
 
 
-def autoencoder_metrics(config, data, ae: dict) -> dict:
+def autoencoder_metrics(config, data, trained: Trained) -> dict:
     """Held-out reconstruction quality of the video VAE and the audio AE."""
     out = {}
     split = data.split("val")
     fps, sr = config.data.fps, config.data.sample_rate
-    if "vae" in ae:
-        vae = ae["vae"][0].model(ae["vae"][1])
+    if trained.vae is not None:
+        vae = trained.vae.model()
         out["ae.video_psnr"], out["ae.video_ssim"] = vae_recon_scores(vae, split.video)
-    if "audio_ae" in ae and split.has_audio.any():
-        from data_pipelines.audio import mels_to_waves
-
-        model = ae["audio_ae"][0].model(ae["audio_ae"][1])
+    if trained.audio_ae is not None and split.has_audio.any():
+        model = trained.audio_ae.model()
 
         @nnx.jit
         def recon_mel(m, x):
@@ -128,14 +130,14 @@ def autoencoder_metrics(config, data, ae: dict) -> dict:
     return out
 
 
-def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
+def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
     """Generates the report's clips and metrics; returns the metrics dict."""
     t0 = time.time()
     report = Path(workdir) / "report"
     clips_dir = report / "clips"
     metrics: dict = {}
-    metrics.update(autoencoder_metrics(config, data, ae))
-    gen = Generator.from_stages(config, data, ae, use_ema=config.sample.use_ema)
+    metrics.update(autoencoder_metrics(config, data, trained))
+    gen = Generator.from_stages(config, data, trained, use_ema=config.sample.use_ema)
     fps, sr = config.data.fps, config.data.sample_rate
     n = config.sample.num_prompts
     rng = np.random.default_rng(config.seed)
@@ -188,7 +190,7 @@ def write_report(config, workdir: Path, mesh, data, ae: dict) -> dict:
         run("val", "oracle.nocross", cfg, save=True, cross_modal=False)
     # Where the model loses what: the val clips' own latents re-noised to t and denoised
     # from there (t = 1 would be plain generation; small t keeps most of the real clip).
-    renoise_t = [float(t) for t in config.sample.get("renoise_t", ())]
+    renoise_t = [float(t) for t in config.sample.renoise_t]
     for t_start in renoise_t:
         run("val", f"oracle.renoised_{t_start:g}", cfg, save=False, t_start=t_start)
     metrics.update(_decoder_references(gen, data.split("val"), n, renoise_t, config.sample.seed))
@@ -249,9 +251,6 @@ def _decoder_references(gen, split, n: int, renoise_t, seed: int) -> dict:
 
 def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
     """Ground-truth audio of the first k clips, decoded from their records."""
-    from data_pipelines.pipeline import open_split
-    from data_pipelines.records import decode_record
-    from data_pipelines.video_io import decode_audio
 
     src = open_split(data.root / "records" / split_name)
     waves = []

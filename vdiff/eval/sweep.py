@@ -27,9 +27,24 @@ import logging
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from vdiff.errors import UserError
+from vdiff.eval import plots
+from vdiff.eval.metrics import (
+    audio_latents,
+    fixed_grid_flow_loss,
+    frechet_distance,
+    nfe,
+    temporal_flicker,
+    vae_features,
+    vae_latents,
+)
+from vdiff.eval.report import ATTRS, clip_scores, vae_recon_scores
 from vdiff.eval.sweep_grid import (  # noqa: F401  (parse_spec, COLUMNS re-exported)
     COLUMNS,
     DONE_METRIC,
@@ -46,30 +61,26 @@ from vdiff.eval.sweep_grid import (  # noqa: F401  (parse_spec, COLUMNS re-expor
     row_key,
     sort_key,
 )
+from vdiff.parallel.mesh import make_mesh
+from vdiff.sampling import Generator, dit_checkpoint_steps, restore_dit, workdir_config, write_clip
+from vdiff.train import stages
+from vdiff.train.data import prepare_data
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- running
 def _barrier(name: str) -> None:
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def _agreed_steps(workdir: Path) -> list[int]:
     """The workdir's DiT checkpoint steps as process 0 sees them (one view for all)."""
-    import jax
-
-    from vdiff.sampling import dit_checkpoint_steps
 
     steps = dit_checkpoint_steps(workdir)[-1024:]
     if jax.process_count() == 1:
         return steps
-    from jax.experimental import multihost_utils
 
     buf = np.full(1024, -1, np.int32)
     buf[: len(steps)] = steps
@@ -78,11 +89,9 @@ def _agreed_steps(workdir: Path) -> list[int]:
 
 def _agreed(flag: bool) -> bool:
     """Process 0's ``flag``, on every process (decisions that steer collective calls)."""
-    import jax
 
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
@@ -90,8 +99,6 @@ def _agreed(flag: bool) -> bool:
 def _local(module):
     """A replicated module's copy on this process's first device, so each process samples
     its own cells without the others (and one device does a batch-of-few job)."""
-    import jax
-    from flax import nnx
 
     graphdef, state = nnx.split(module)
     device = jax.local_devices()[0]
@@ -115,12 +122,7 @@ class _Models:
         self.gen, self.engine, self.step = None, None, None
 
     def get(self, step: int | None = None):
-        from vdiff.sampling import Generator, restore_dit
-
         if self.gen is None:
-            from vdiff.parallel.mesh import make_mesh
-            from vdiff.train import stages
-
             gen = Generator.from_workdir(self.workdir, use_ema=self.use_ema, dit_step=step)
             for name in ("vae", "audio_ae", "dit"):
                 if getattr(gen, name) is not None:
@@ -139,11 +141,6 @@ class _Sweep:
     """One ``vdiff eval`` run over one sweep folder: its grid, store and models."""
 
     def __init__(self, workdir: Path, spec: SweepSpec, batch_size: int, progress: bool):
-        import jax
-
-        from vdiff.sampling import workdir_config
-        from vdiff.train.data import prepare_data
-
         self.workdir, self.spec, self.batch, self.progress = workdir, spec, batch_size, progress
         self.config = c = workdir_config(workdir)
         self.cfgs = spec.cfg or (float(c.sample.cfg),)
@@ -176,7 +173,6 @@ class _Sweep:
         """This process's pending cells of checkpoint ``step``; on process 0 also the
         checkpoint's held-out loss. Every process calls this for the same steps (the
         restore is collective)."""
-        from tqdm.auto import tqdm
 
         pending = [c for c in self.cells([step]) if c.key not in self.done_cells]
         need_flow = row_key(row("flow_loss_val", None, checkpoint=step)) not in self.done
@@ -204,8 +200,6 @@ class _Sweep:
                     self._run_batch(gen, group[i : i + self.batch])
                     bar.update(len(group[i : i + self.batch]))
         if self.pid == 0 and need_flow:
-            from vdiff.eval.metrics import fixed_grid_flow_loss
-
             t = time.time()
             losses = fixed_grid_flow_loss(
                 gen.dit,
@@ -219,9 +213,6 @@ class _Sweep:
 
     def _run_batch(self, gen, cells: list[Cell]) -> None:
         """Generates, scores and records a batch of cells that share (cfg, steps, sampler, seed)."""
-        from vdiff.eval.metrics import nfe, temporal_flicker, vae_features
-        from vdiff.eval.report import ATTRS, clip_scores
-        from vdiff.sampling import write_clip
 
         c0 = cells[0]
         t = time.time()
@@ -255,7 +246,6 @@ class _Sweep:
     def _flow_inputs(self, gen) -> dict:
         """Val latents (normalised like the transformer's training data), tokens, masks."""
         if self._flow_arrays is None:
-            from vdiff.eval.metrics import audio_latents, vae_latents
 
             def norm(z, mod):
                 st = gen.latent_stats[mod]
@@ -298,8 +288,6 @@ class _Sweep:
 
     def finish(self) -> list[dict]:
         """Process 0: sweep-level and per-group rows, then the merged table."""
-        from vdiff.eval.metrics import frechet_distance, nfe, vae_features
-        from vdiff.eval.report import vae_recon_scores
 
         rows = []
         if self._need_vae_rows():
@@ -362,9 +350,6 @@ def run_sweep(
         batch_size: clips generated per sampler call.
         progress: tqdm bars.
     """
-    import jax
-
-    from vdiff.eval import plots
 
     t0 = time.time()
     workdir = Path(workdir)
@@ -402,8 +387,6 @@ def run_sweep(
             sweep.evaluate(step, explicit=spec.checkpoints != "all")
     computed = sweep.computed
     if jax.process_count() > 1:  # also waits for every shard to be complete
-        from jax.experimental import multihost_utils
-
         computed = int(np.sum(multihost_utils.process_allgather(np.int32(computed))))
     # Loading models is collective: every process joins when process 0 needs them.
     if _agreed(sweep.pid == 0 and sweep.finish_needs_models()):

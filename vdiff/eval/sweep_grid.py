@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vdiff.diffusion.samplers import SAMPLERS
 from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ def _spec_from_dict(raw: dict) -> SweepSpec:
     if "seeds" in raw:
         kw["seeds"] = _numbers("seeds", raw["seeds"], int, 0, "seeds=0,1")
     if "sampler" in raw:
-        from vdiff.diffusion.samplers import SAMPLERS
-
         samplers = tuple(dict.fromkeys(str(s) for s in _as_list(raw["sampler"])))
         bad = [s for s in samplers if s not in SAMPLERS]
         if bad or not samplers:

@@ -47,12 +47,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax import export
+from safetensors.numpy import save
 
 import vdiff
 from vdiff import serving
+from vdiff.diffusion.samplers import SAMPLERS, denoise_step
 from vdiff.errors import UserError
+from vdiff.models.dit import DiT
+from vdiff.models.text_encoder import PAD_ID
+from vdiff.sampling import Generator
+from vdiff.train.stages import dit_sizes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,6 @@ def export_workdir(
     workdir: Path, out: Path, *, dtype: str = "float32", use_ema: bool = True
 ) -> dict:
     """Exports a workdir written by ``vdiff train`` to bundle folder ``out``; returns the manifest."""
-    from vdiff.sampling import Generator
 
     workdir = Path(workdir)
     _check_out(Path(out))
@@ -137,7 +143,6 @@ def export_generator(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / serving.FUNCTIONS_DIR).mkdir(parents=True)
-    from safetensors.numpy import save
 
     # Written with write_bytes (not save_file) so the files get the usual permissions.
     meta = {"naming": serving.TENSOR_NAMING}
@@ -173,7 +178,7 @@ def export_generator(
             "sampler": s.sampler,
             "steps": int(s.steps),
             "cfg": float(s.cfg),
-            "audio_cfg": None if s.get("audio_cfg") is None else float(s.audio_cfg),
+            "audio_cfg": None if s.audio_cfg is None else float(s.audio_cfg),
             "shift": float(s.shift),
         },
         "generation": shapes,
@@ -201,11 +206,10 @@ def _check_out(out: Path) -> None:
 def _export_dit(config, dtype):
     """The transformer rebuilt for export: the bundle's compute dtype and the portable
     "xla" attention (the "auto" backend picks per host, and cuDNN does not lower for cpu)."""
-    from vdiff.models.dit import DiT
 
     return nnx.eval_shape(
         lambda: DiT.from_config(
-            config, nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+            config.model, dit_sizes(config), nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
             attention_backend="xla", remat="none",
         )
     )  # fmt: skip
@@ -278,8 +282,6 @@ def _generation_shapes(gen, with_audio: bool) -> dict:
 
 
 def _pad_id() -> int:
-    from vdiff.models.text_encoder import PAD_ID
-
     return int(PAD_ID)
 
 
@@ -290,7 +292,6 @@ def _function_specs(c, shapes: dict, with_audio: bool, stats: dict, text_dtype, 
     ``b``, ``b2``: the batch and the guided text batch (symbolic ``b`` and ``2*b``, or
     concrete sizes).
     """
-    from vdiff.diffusion.samplers import SAMPLERS, denoise_step
 
     f32, L = jnp.float32, shapes["caption_len"]
     tw = c.model.text_width
@@ -408,7 +409,6 @@ def _sha256(path: Path) -> str:
 def _save_orbax(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """The stored tensors as an Orbax checkpoint, nested by name (``dit.blocks.x`` ->
     ``{"dit": {"blocks": {"x": ...}}}``), for tools that restore Orbax trees."""
-    import orbax.checkpoint as ocp
 
     tree: dict = {}
     for name, x in tensors.items():

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import vdiff.parallel.sharding  # noqa: F401  (turns off eager sharding for the params below)
+from vdiff.parallel.sharding import logical_param
 
 Cache = jax.Array | None
 
@@ -36,11 +36,11 @@ def _fan_in_init(fan_in: int, scale: float = 1.0):
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...]):
-    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape))
+    return logical_param(init(rngs.params(), shape), names)
 
 
 def _bias(out_ch: int) -> nnx.Param:
-    return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",))(None, (out_ch,)))
+    return logical_param(jnp.zeros((out_ch,)), ("conv_out",))
 
 
 class Conv2dFrames(nnx.Module):
@@ -173,9 +173,7 @@ class ChannelNorm(nnx.Module):
 
     def __init__(self, ch: int, *, eps: float = 1e-6):
         self.eps = eps
-        self.scale = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.ones, ("conv_out",))(None, (ch,))
-        )
+        self.scale = logical_param(jnp.ones((ch,)), ("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -18,8 +18,9 @@ the context of the clip, one attention call serves text, video and audio (fewer,
 larger kernels than self- plus cross-attention), and video/audio tokens can weigh
 text against each other in one softmax. ``"cross"`` keeps the text features fixed
 and adds a cross-attention per block (PixArt-style). The tiny CPU recipe uses
-``"cross"``: on ~1500 updates it learned the caption far faster there (measured
-figures in ``configs/tiny.py``); video and audio still attend to each other jointly.
+``"cross"``: on ~1500 updates it learned the caption far faster there (docs/experiments.md,
+"cross vs joint text attention on the tiny budget"); video and audio still attend to each
+other jointly.
 
 Conditioning vector per stream: timestep embedding of that modality's ``t`` plus an
 MLP of the pooled text vector; the text stream uses the video one.
@@ -35,10 +36,14 @@ checkpoints are interchangeable between the two.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import vdiff.parallel.sharding as sharding
@@ -259,6 +264,33 @@ def remat_policy(name: str):
     }[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class DiTSizes:
+    """What the transformer takes from the other parts of a run: the autoencoders' latent
+    channels and strides, the tokenizer's vocabulary, the clip rate, and the numerics the
+    trainer chooses (remat policy, compute and parameter dtypes)."""
+
+    latent_channels: int
+    audio_channels: int | None  # None: no audio stream
+    vocab_size: int
+    fps: float
+    temporal_down: int
+    audio_latents_per_second: float
+    remat: str = "none"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+# Muon orthogonalises the update of each hidden projection as a matrix (reduction axes ->
+# output axes); a leading stacked-layer axis is a batch axis. Embeddings, output heads,
+# adaLN modulation, norms and biases go to optax's Adam branch (NAdamW).
+MUON_MATRICES = {
+    **{n: ((-3,), (-2, -1)) for n in ("q", "k", "v", "cross_q", "text_k", "text_v")},
+    **{n: ((-3, -2), (-1,)) for n in ("out", "cross_out")},
+    **{n: ((-2,), (-1,)) for n in ("fc1", "fc2")},
+}
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -315,9 +347,9 @@ class DiT(nnx.Module):
         self.t_embed = TimestepEmbedder(width, **kw)
         pdim = int(np.prod(self.patch)) * latent_channels
         self.video_embed = Dense(pdim, width, (None, "embed"), **kw)
-        self.video_modality = nnx.Param(
+        self.video_modality = sharding.logical_param(
             nnx.initializers.normal(0.02)(rngs.params(), (width,), param_dtype),
-            out_sharding=("embed",),
+            ("embed",),
         )
         self.video_out = FinalLayer(width, pdim, **kw)
         self.abs_pos = bool(abs_pos)
@@ -327,9 +359,9 @@ class DiT(nnx.Module):
         if audio_channels:
             adim = self.audio_patch * audio_channels
             self.audio_embed = Dense(adim, width, (None, "embed"), **kw)
-            self.audio_modality = nnx.Param(
+            self.audio_modality = sharding.logical_param(
                 nnx.initializers.normal(0.02)(rngs.params(), (width,), param_dtype),
-                out_sharding=("embed",),
+                ("embed",),
             )
             self.audio_out = FinalLayer(width, adim, **kw)
             streams.append("audio")
@@ -347,28 +379,39 @@ class DiT(nnx.Module):
         self.blocks = make_blocks(rngs)
 
     @classmethod
-    def from_config(cls, cfg, rngs: nnx.Rngs, **overrides) -> DiT:
-        """Builds the model from the whole config (``model.*``, latent channels, data rates)."""
-        m = cfg.model
-        audio_on = bool(cfg.data.get("audio", True))
+    def from_config(cls, model_cfg, sizes: DiTSizes, rngs: nnx.Rngs, **overrides) -> DiT:
+        """Builds the model from its ``model`` config section and the sizes it takes from
+        the other parts (``sizes``, see :func:`vdiff.train.stages.dit_sizes`)."""
+        m = model_cfg
         kwargs = dict(
-            latent_channels=cfg.vae.latent_channels,
-            audio_channels=cfg.audio_ae.latent_channels if audio_on else None,
-            vocab_size=cfg.data.vocab_size, width=m.width, depth=m.depth, heads=m.heads,
+            **dataclasses.asdict(sizes), width=m.width, depth=m.depth, heads=m.heads,
             mlp_ratio=m.mlp_ratio, patch=tuple(m.patch), audio_patch=m.audio_patch,
             text_width=m.text_width, text_depth=m.text_depth, text_heads=m.text_heads,
-            text_attention=m.text_attention, qk_norm=m.qk_norm,
-            cross_modal=m.get("cross_modal", True), attention_backend=m.attention,
-            scan_layers=m.scan_layers, remat=cfg.train.get("remat", "none"), fps=cfg.data.fps,
-            temporal_down=cfg.vae.temporal_down,
-            audio_latents_per_second=cfg.data.sample_rate / cfg.data.hop / cfg.audio_ae.time_down,
-            rope_time_scale=m.get("rope_time_scale", 25.0), rope_theta=m.get("rope_theta", 10000.0),
-            abs_pos=m.get("abs_pos", False),
-            dtype=jnp.dtype(cfg.train.get("compute_dtype", "float32")),
-            param_dtype=jnp.dtype(cfg.train.get("param_dtype", "float32")),
+            text_attention=m.text_attention, qk_norm=m.qk_norm, cross_modal=m.cross_modal,
+            attention_backend=m.attention, scan_layers=m.scan_layers,
+            rope_time_scale=m.rope_time_scale, rope_theta=m.rope_theta, abs_pos=m.abs_pos,
         )  # fmt: skip
         kwargs.update(overrides)
         return cls(rngs=rngs, **kwargs)
+
+    @staticmethod
+    def muon_dims(params):
+        """Per-leaf ``MuonDimensionNumbers`` (or None: the Adam branch) for
+        :func:`optax.contrib.muon`: the hidden projections (see :data:`MUON_MATRICES`)."""
+
+        def spec(path, x):
+            names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+            if "kernel" not in names or "t_embed" in names:
+                return None
+            layer = names[names.index("kernel") - 1]
+            if layer not in MUON_MATRICES:
+                return None
+            red, out = MUON_MATRICES[layer]
+            if x.ndim < len(red) + len(out):
+                return None
+            return optax.contrib.MuonDimensionNumbers(red, out)
+
+        return jax.tree_util.tree_map_with_path(spec, params)
 
     @property
     def has_audio(self) -> bool:

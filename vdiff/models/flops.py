@@ -58,7 +58,7 @@ def dit_forward_flops(cfg, video_shape, audio_len: int | None, text_len: int) ->
         )
     nv = (t // pt) * (h // ph) * (wd // pw)
     pdim = pt * ph * pw * cfg.vae.latent_channels
-    audio_on = bool(audio_len) and bool(cfg.data.get("audio", True))
+    audio_on = bool(audio_len) and bool(cfg.data.audio)
     na = audio_len // m.audio_patch if audio_on else 0
     adim = m.audio_patch * cfg.audio_ae.latent_channels
     joint = m.text_attention == "joint"
@@ -74,7 +74,7 @@ def dit_forward_flops(cfg, video_shape, audio_len: int | None, text_len: int) ->
         )
     flops = depth * per_layer
     flops += _mm(nv, pdim, w) * 2 + _mm(1, w, 2 * w)  # video embed, final layer, its adaLN
-    if m.get("abs_pos", False):
+    if m.abs_pos:
         flops += _mm(nv, ABS_FEATURES, w)  # absolute position features -> width
     if audio_on:
         flops += _mm(na, adim, w) * 2 + _mm(1, w, 2 * w)
@@ -86,7 +86,7 @@ def dit_forward_flops(cfg, video_shape, audio_len: int | None, text_len: int) ->
 
 def train_flops_per_example(cfg, video_shape, audio_len: int | None, text_len: int) -> float:
     """Matmul FLOPs of one training example (forward + backward)."""
-    text_mult = 1.0 if cfg.model.get("freeze_text", False) else 3.0
+    text_mult = 1.0 if cfg.model.freeze_text else 3.0
     return 3.0 * dit_forward_flops(
         cfg, video_shape, audio_len, text_len
     ) + text_mult * text_encoder_flops(cfg, text_len)

@@ -28,11 +28,7 @@ _DEFAULT_INIT = nnx.initializers.xavier_uniform()
 def _param(
     rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str | None], dtype
 ) -> nnx.Param:
-    if len(names) != len(shape):
-        raise ValueError(
-            f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {names}"
-        )
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
+    return sharding.logical_param(init(rngs.params(), tuple(shape), dtype), names)
 
 
 class Dense(nnx.Module):

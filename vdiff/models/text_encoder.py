@@ -73,9 +73,9 @@ class TextEncoder(nnx.Module):
             )
         self.vocab_size = vocab_size
         self.head_dim = width // heads
-        self.embed = nnx.Param(
+        self.embed = sharding.logical_param(
             nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width), param_dtype),
-            out_sharding=("vocab", "embed"),
+            ("vocab", "embed"),
         )
         self.blocks = nnx.List(
             [

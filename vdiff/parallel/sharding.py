@@ -18,10 +18,6 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-# Variables are created unsharded and placed by the jitted initialiser
-# (out_shardings from the logical rules), so Flax must not shard them eagerly.
-nnx.use_eager_sharding(False)
-
 LogicalAxes = Sequence[str | None]
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -40,6 +36,19 @@ def axis_rules(rules: Rules | None) -> Iterator[None]:
 
 def current_rules() -> Rules | None:
     return _RULES[-1]
+
+
+def logical_param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
+    """A parameter whose axes carry logical names, e.g. ``("embed", "mlp")``.
+
+    It is created unsharded and placed by the jitted initialiser (out_shardings from the
+    logical rules), never eagerly by Flax: its names are logical, not mesh axes.
+    """
+    if len(names) != value.ndim:
+        raise ValueError(
+            f"parameter of shape {value.shape} needs {value.ndim} axis names, got {names}"
+        )
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 def logical_to_mesh(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -85,7 +86,6 @@ def _all_processes_agree(ok: bool) -> bool:
     """True when ``ok`` holds on every process (a tiny allgather on multi-process runs)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
@@ -238,8 +238,6 @@ class Checkpointer:
                 src.rename(dst)
                 log.warning("moved unreadable checkpoint %s to %s", src, dst.name)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("vdiff_checkpoint_prepare_to_write")
         self._unreadable = []
         self.manager.reload()

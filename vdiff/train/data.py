@@ -18,6 +18,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from data_pipelines.ingest import ingest
+from data_pipelines.pipeline import decode_all, open_split
+from data_pipelines.records import decode_record
+from data_pipelines.shapes.synth import synth_splits
+from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,8 +79,6 @@ def _on_process_zero(fn, name: str):
 
 
 def _synth(config, raw: Path) -> None:
-    from data_pipelines.shapes.synth import synth_splits
-
     d = config.data
     log.info(
         "generating the shapes dataset into %s (%d train / %d val clips)",
@@ -98,16 +101,11 @@ def _synth(config, raw: Path) -> None:
 
 
 def _ingest(raw: Path, records: Path, split: str, workers: int) -> None:
-    from data_pipelines.ingest import ingest
-
     ingest(raw, records / split, split=split, workers=workers, progress=True)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     """Makes sure the dataset, records and tokenizer exist, then decodes every split."""
-    from data_pipelines.pipeline import decode_all, open_split
-    from data_pipelines.records import decode_record
-    from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 
     root = data_root(config, workdir)
     raw, records = root / "raw", root / "records"
@@ -159,9 +157,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
 def _decoded_split(
     config, root: Path, split_root: Path, split: str, tokenizer, decode_all
 ) -> Split:
-    from data_pipelines.pipeline import open_split
-    from data_pipelines.records import decode_record
-
     h, w, t = config.data.buckets[0]
     cache = (
         root

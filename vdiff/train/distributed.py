@@ -14,7 +14,7 @@ this order:
 On a single machine with none of these it does nothing. CPU processes exchange
 collectives over gloo. After start-up the log prefix shows the process index, and
 JAX's preemption service turns SIGTERM on any host into an agreed stop step (see
-:class:`vdiff.train.loop.StopSignal`).
+:class:`vdiff.train.preemption.StopSignal`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ donated state, gradient accumulation, mixed precision and a non-finite guard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdiff.parallel import sharding as shd
+from vdiff.parallel.mesh import batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # "adamw" or "muon" (hidden matrices; NAdamW for the rest)
+    # For "muon": params -> per-leaf MuonDimensionNumbers or None (the Adam branch); the
+    # model declares which of its matrices Muon takes (e.g. DiT.muon_dims).
+    muon_dims: Callable[[Any], Any] | None = None
 
     def schedule(self) -> optax.Schedule:
         warmup = max(1, min(self.warmup, self.steps - 1))
@@ -58,6 +63,8 @@ class OptimConfig:
                 optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
             )
         elif self.optimizer == "muon":
+            if self.muon_dims is None:
+                raise ValueError("optimizer 'muon' needs muon_dims: the model's Muon matrices")
             # consistent_rms=0.2 scales Muon's orthogonal updates to AdamW's typical RMS,
             # so the same learning rate and schedule serve both parameter groups. optax
             # gives the other group its AdamW with Nesterov momentum (NAdamW), as Muon's.
@@ -69,40 +76,12 @@ class OptimConfig:
                     weight_decay=self.weight_decay,
                     adam_weight_decay=self.weight_decay,
                     consistent_rms=0.2,
-                    muon_weight_dimension_numbers=muon_dims,
+                    muon_weight_dimension_numbers=self.muon_dims,
                 )
             )
         else:
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         return optax.chain(*parts)
-
-
-# Muon orthogonalises the update of each hidden projection as a matrix (reduction axes ->
-# output axes); a leading scanned-layer axis is a batch axis. Embeddings, output heads,
-# adaLN modulation, norms and biases go to optax's Adam branch (NAdamW).
-_MUON_IN_OUT = {
-    **{n: ((-3,), (-2, -1)) for n in ("q", "k", "v", "cross_q", "text_k", "text_v")},
-    **{n: ((-3, -2), (-1,)) for n in ("out", "cross_out")},
-    **{n: ((-2,), (-1,)) for n in ("fc1", "fc2")},
-}
-
-
-def muon_dims(params):
-    """Per-leaf ``MuonDimensionNumbers`` (or None: the Adam branch) for :func:`optax.contrib.muon`."""
-
-    def spec(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        if "kernel" not in names or "t_embed" in names:
-            return None
-        layer = names[names.index("kernel") - 1]
-        if layer not in _MUON_IN_OUT:
-            return None
-        red, out = _MUON_IN_OUT[layer]
-        if x.ndim < len(red) + len(out):
-            return None
-        return optax.contrib.MuonDimensionNumbers(red, out)
-
-    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def _cast(tree, dtype):
@@ -178,7 +157,7 @@ class Engine:
         # Abstract model outside the mesh context: the parameters' sharding metadata holds
         # logical names, which only the rules below turn into mesh axes.
         with shd.axis_rules(self.rules):
-            abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+            abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
             self.graphdef, abs_params, self._rest = nnx.split(abstract, nnx.Param, ...)
             self.param_shardings = shd.state_shardings(abs_params, mesh, self.rules)
             self.abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
@@ -189,15 +168,19 @@ class Engine:
 
     # ----------------------------------------------------------------- state
     def _context(self):
-        import contextlib
-
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(shd.axis_rules(self.rules))
         return stack
 
+    def _build(self, rngs: nnx.Rngs) -> nnx.Module:
+        # Parameters carry logical axis names, which the jitted initialiser's out_shardings
+        # turn into mesh placements; Flax must not try to shard them eagerly by those names.
+        with nnx.use_eager_sharding(False):
+            return self.make_model(rngs)
+
     def _init_fn(self, key):
-        model = self.make_model(nnx.Rngs(key))
+        model = self._build(nnx.Rngs(key))
         _, params, _ = nnx.split(model, nnx.Param, ...)
         return {
             "params": params,
@@ -307,10 +290,7 @@ class Engine:
         key = jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
         if key not in self._steps:
             batch_sh = jax.tree.map(
-                lambda x: NamedSharding(
-                    self.mesh, PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
-                ),
-                batch,
+                lambda x: batch_sharding(self.mesh, x.ndim, self.batch_axes), batch
             )
             rep = NamedSharding(self.mesh, PartitionSpec())
             self._steps[key] = jax.jit(

@@ -17,9 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from vdiff.errors import UserError
+from vdiff.eval.report import write_report
 from vdiff.parallel.mesh import make_mesh
 from vdiff.train import stages
 from vdiff.train.data import prepare_data
+from vdiff.train.trained import Trained, restore_stage
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +43,30 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, report: bool = True
         (workdir / "data_stats.json").write_text(json.dumps({"mel": data.mel_stats}))
     timings["data_s"] = time.time() - t
     summaries = {}
-    ae = {}
+    trained = Trained()
     for stage in config.train.stages:
         t = time.time()
         if stage == "vae":
-            ae["vae"], summaries["vae"] = stages.train_video_vae(config, workdir, mesh, data)
+            trained.vae, summaries["vae"] = stages.train_video_vae(config, workdir, mesh, data)
         elif stage == "audio_ae":
-            ae["audio_ae"], summaries["audio_ae"] = stages.train_audio_ae(
+            trained.audio_ae, summaries["audio_ae"] = stages.train_audio_ae(
                 config, workdir, mesh, data
             )
         elif stage == "dit":
-            latents = stages.cache_latents(config, workdir, mesh, data, ae)
+            latents = stages.cache_latents(config, workdir, mesh, data, trained)
             timings["latents_s"] = time.time() - t
             t = time.time()
-            ae["dit"], summaries["dit"] = stages.train_dit(config, workdir, mesh, data, latents, ae)
+            trained.dit, summaries["dit"] = stages.train_dit(
+                config, workdir, mesh, data, latents, trained
+            )
+            trained.latent_stats = latents.stats
         else:
-            from vdiff.errors import UserError
-
             raise UserError(f"train.stages has unknown stage '{stage}'; use vae, audio_ae, dit")
         timings[f"{stage}_s"] = time.time() - t
     result = {"stages": summaries, "timings": timings}
-    if report and "dit" in ae:
-        from vdiff.eval.report import write_report
-
+    if report and trained.dit is not None:
         t = time.time()
-        result["report"] = write_report(config, workdir, mesh, data, ae)
+        result["report"] = write_report(config, workdir, mesh, data, trained)
         timings["report_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
     if jax.process_index() == 0:
@@ -89,24 +91,11 @@ def cache_latents_cli(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     captions, ``stats.json`` and ``latents.json`` (:mod:`data_pipelines.latents`).
     A cache made from the same checkpoints is kept as it is.
     """
-    from vdiff.train.checkpoint import Checkpointer
-
     workdir = Path(workdir)
     mesh = make_mesh(config)
     data = prepare_data(config, workdir)
-    ae = {}
-    for name, build in (("vae", stages.video_vae_engine), ("audio_ae", stages.audio_ae_engine)):
-        if name == "audio_ae" and not config.data.audio:
-            continue
-        engine = build(config, mesh)
-        restored = Checkpointer(workdir / "checkpoints" / name).restore(
-            engine.abstract_state, engine.state_shardings
-        )
-        if restored is None:
-            from vdiff.errors import UserError
-
-            raise UserError(
-                f"{workdir}/checkpoints/{name} has no checkpoint; run 'vdiff train' first"
-            )
-        ae[name] = (engine, restored[1])
-    return stages.cache_latents(config, workdir, mesh, data, ae, shards=True)["dir"]
+    trained = Trained()
+    trained.vae = restore_stage(workdir, "vae", stages.video_vae_engine(config, mesh))
+    if config.data.audio:
+        trained.audio_ae = restore_stage(workdir, "audio_ae", stages.audio_ae_engine(config, mesh))
+    return stages.cache_latents(config, workdir, mesh, data, trained, shards=True).dir

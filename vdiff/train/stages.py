@@ -23,13 +23,18 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data_pipelines import latents as lc
+from vdiff.diffusion.flow import flow_loss
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
+from vdiff.models.dit import DiT, DiTSizes
 from vdiff.models.losses import audio_ae_loss, vae_loss
 from vdiff.models.video_vae import VideoVAE, compute_latent_stats, from_pixels, normalize
+from vdiff.train.batch_source import ArraySource
 from vdiff.train.data import Data
 from vdiff.train.engine import Engine, OptimConfig
-from vdiff.train.loop import ArraySource, run_stage
+from vdiff.train.loop import run_stage
+from vdiff.train.trained import LatentCache, LatentStats, Trained, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ def _stage_engine(
     weight_decay=0.0,
     ema_decay=0.0,
     optimizer="adamw",
+    muon_dims=None,
 ) -> Engine:
     """An Engine with the shared train.* settings; ``warmup`` defaults to a tenth of the
     stage's steps at most (the short autoencoder stages)."""
@@ -67,6 +73,7 @@ def _stage_engine(
             weight_decay=weight_decay,
             grad_clip=t.grad_clip,
             optimizer=optimizer,
+            muon_dims=muon_dims,
         ),
         ema_decay=ema_decay,
         microbatches=t.microbatches,
@@ -94,7 +101,7 @@ def random_crops(x: jax.Array, rng: jax.Array, size: int, align: int) -> jax.Arr
 def video_vae_engine(config, mesh, *, crop: int | None = None) -> Engine:
     """The video VAE's engine; ``crop`` (pixels, 0 = whole frames) overrides vae.train_crop."""
     kl = config.vae.kl_weight
-    crop = config.vae.get("train_crop", 0) if crop is None else crop
+    crop = config.vae.train_crop if crop is None else crop
 
     def loss_fn(model, batch, rng):
         x = batch["video"]
@@ -152,12 +159,12 @@ def _run(name, engine, arrays, config, workdir, steps, batch_size, time_budget_s
 def vae_crop_steps(vae_config) -> int:
     """Steps (from the start) that train the video VAE on crops: all of them with
     ``train_crop`` alone, all but the last ``full_frame_steps`` with both, none without."""
-    if not vae_config.get("train_crop", 0):
+    if not vae_config.train_crop:
         return 0
-    return max(0, vae_config.steps - vae_config.get("full_frame_steps", 0))
+    return max(0, vae_config.steps - vae_config.full_frame_steps)
 
 
-def train_video_vae(config, workdir: Path, mesh, data: Data):
+def train_video_vae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedModel, dict]:
     """Trains the video VAE: on crops up to :func:`vae_crop_steps`, on whole frames after.
 
     The two phases are one stage (one checkpoint directory, one lr schedule over
@@ -175,7 +182,7 @@ def train_video_vae(config, workdir: Path, mesh, data: Data):
         crops = video_vae_engine(config, mesh)
         state, first = _run("vae", crops, arrays, config, workdir, crop_steps, batch)
         if first["end_step"] < crop_steps:  # out of time in the crop phase
-            return (crops, state), {**first, "crop_steps": crop_steps}
+            return TrainedModel(crops, state), {**first, "crop_steps": crop_steps}
         if budget > 0:  # what is left of it (at least one step: every process agrees)
             budget = max(budget - first["wall_s"], 1e-3)
     engine = video_vae_engine(config, mesh, crop=None if crop_steps == steps else 0)
@@ -186,10 +193,10 @@ def train_video_vae(config, workdir: Path, mesh, data: Data):
         summary["start_step"] = first["start_step"]
         summary["crop_wall_s"] = first["wall_s"]
         summary["wall_s"] += first["wall_s"]
-    return (engine, state), summary
+    return TrainedModel(engine, state), summary
 
 
-def train_audio_ae(config, workdir: Path, mesh, data: Data):
+def train_audio_ae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedModel, dict]:
     engine = audio_ae_engine(config, mesh)
     arrays = {"mel": data.train.mel_norm}
     state, summary = _run(
@@ -201,7 +208,7 @@ def train_audio_ae(config, workdir: Path, mesh, data: Data):
         config.audio_ae.steps,
         config.audio_ae.batch_size,
     )
-    return (engine, state), summary
+    return TrainedModel(engine, state), summary
 
 
 def _batched(fn, arrays: list[np.ndarray], batch: int) -> np.ndarray:
@@ -229,33 +236,32 @@ def _encode_audio(graphdef, params, mel):
     return nnx.merge(graphdef, params).encode(mel)[0]
 
 
-def encoder_fns(ae: dict):
+def encoder_fns(trained: Trained):
     """Jitted (video uint8 -> latent mean) and (normalised mel -> latent mean)."""
     fns = {}
-    for name, mod, encode in (
-        ("vae", "video", _encode_video),
-        ("audio_ae", "audio", _encode_audio),
+    for part, mod, encode in (
+        (trained.vae, "video", _encode_video),
+        (trained.audio_ae, "audio", _encode_audio),
     ):
-        if name in ae:
-            engine, state = ae[name]
-            fns[mod] = functools.partial(encode, *nnx.split(engine.model(state)))
+        if part is not None:
+            fns[mod] = functools.partial(encode, *nnx.split(part.model()))
     return fns
 
 
 def dit_input(config) -> str:
     """``data.dit_input``: "latents" (read the latent cache) or "clips" (encode per step)."""
-    mode = config.data.get("dit_input", "latents")
+    mode = config.data.dit_input
     if mode not in ("latents", "clips"):
         raise UserError(f"data.dit_input='{mode}' is not known; use 'latents' or 'clips'")
     return mode
 
 
-def _cache_tag(config, data: Data, ae: dict) -> dict:
+def _cache_tag(config, data: Data, trained: Trained) -> dict:
     """What a latent cache was made from; a cache is reused only while this is unchanged."""
     d = config.data
     return {
-        "vae_step": ae["vae"][1]["step"].item() if "vae" in ae else None,
-        "audio_step": ae["audio_ae"][1]["step"].item() if "audio_ae" in ae else None,
+        "vae_step": trained.vae.step if trained.vae is not None else None,
+        "audio_step": trained.audio_ae.step if trained.audio_ae is not None else None,
         "data": {
             "clips": {split: len(data.split(split)) for split in data.splits()},
             "bucket": [int(x) for x in d.buckets[0]],
@@ -267,8 +273,8 @@ def _cache_tag(config, data: Data, ae: dict) -> dict:
 
 
 def cache_latents(
-    config, workdir: Path, mesh, data: Data, ae: dict, *, shards: bool | None = None
-) -> dict:
+    config, workdir: Path, mesh, data: Data, trained: Trained, *, shards: bool | None = None
+) -> LatentCache:
     """Encodes every split once (latent means) and stores them with train-split statistics.
 
     Writes ``WORKDIR/latents``: ArrayRecord shards of raw latents + tokens + captions,
@@ -280,17 +286,13 @@ def cache_latents(
             "latents"); False encodes the train split only for the statistics that the
             on-the-fly ("clips") path normalises with.
 
-    Returns:
-        ``{"dir": cache folder, "stats": {modality: {"shift", "scale"}}, "meta": latents.json}``.
     """
-    from data_pipelines import latents as lc
-
-    if "vae" not in ae:
+    if trained.vae is None:
         raise UserError("the latent cache needs the video VAE; keep 'vae' in train.stages")
     if shards is None:
         shards = dit_input(config) == "latents"
     out_dir = Path(workdir) / "latents"
-    tag = _cache_tag(config, data, ae)
+    tag = _cache_tag(config, data, trained)
     want = data.splits() if shards else []
     try:
         meta = lc.read_meta(out_dir)
@@ -301,10 +303,10 @@ def cache_latents(
         for split in want:
             lc.check_split(out_dir, split, meta)
         log.info("latent cache %s matches the autoencoders; reusing it", out_dir)
-        return {"dir": out_dir, "stats": lc.load_stats(out_dir), "meta": meta}
+        return LatentCache(out_dir, lc.load_stats(out_dir), meta)
 
     t0 = time.time()
-    fns = encoder_fns(ae)
+    fns = encoder_fns(trained)
     encoded: dict[str, dict[str, np.ndarray]] = {}
     for split in want or ["train"]:
         arrays = data.split(split)
@@ -340,7 +342,7 @@ def cache_latents(
         ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items()) or "statistics only",
         size / 1e6,
     )
-    return {"dir": out_dir, "stats": stats, "meta": meta}
+    return LatentCache(out_dir, stats, meta)
 
 
 def normalized(raw: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -348,7 +350,7 @@ def normalized(raw: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     return normalize(raw, stats).astype(np.float32)
 
 
-def clip_encoder(config, ae: dict, stats: dict):
+def clip_encoder(config, trained: Trained, stats: LatentStats):
     """The frozen encoders as a traceable batch map, for ``data.dit_input="clips"``.
 
     ``video`` uint8 (B, T, H, W, 3) becomes ``video_latents`` and ``mel`` (normalised
@@ -358,9 +360,8 @@ def clip_encoder(config, ae: dict, stats: dict):
     (fine for the small autoencoders here, on any process count).
     """
 
-    def frozen(engine_state):
-        engine, state = engine_state
-        gdef, params = nnx.split(engine.model(state))
+    def frozen(part: TrainedModel):
+        gdef, params = nnx.split(part.model())
         host = jax.tree.map(
             lambda x: np.asarray(
                 x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
@@ -372,8 +373,8 @@ def clip_encoder(config, ae: dict, stats: dict):
     def norm(z, s):
         return jax.lax.stop_gradient(normalize(z, s))
 
-    video = frozen(ae["vae"])
-    audio = frozen(ae["audio_ae"]) if config.data.audio and "audio" in stats else None
+    video = frozen(trained.vae)
+    audio = frozen(trained.audio_ae) if config.data.audio and "audio" in stats else None
 
     def encode(batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k not in ("video", "mel")}
@@ -387,11 +388,26 @@ def clip_encoder(config, ae: dict, stats: dict):
     return encode
 
 
+def dit_sizes(config: ml_collections.ConfigDict) -> DiTSizes:
+    """What the transformer takes from the rest of the config: the autoencoders' latent
+    channels and strides, the vocabulary, the clip and audio latent rates, the numerics."""
+    d, t = config.data, config.train
+    return DiTSizes(
+        latent_channels=config.vae.latent_channels,
+        audio_channels=config.audio_ae.latent_channels if d.audio else None,
+        vocab_size=d.vocab_size,
+        fps=d.fps,
+        temporal_down=config.vae.temporal_down,
+        audio_latents_per_second=d.sample_rate / d.hop / config.audio_ae.time_down,
+        remat=t.remat,
+        dtype=jnp.dtype(t.compute_dtype),
+        param_dtype=jnp.dtype(t.param_dtype),
+    )
+
+
 def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engine:
     """The transformer's engine; ``encode`` (see :func:`clip_encoder`) maps raw clip
     batches to latents inside the step, for ``data.dit_input="clips"``."""
-    from vdiff.diffusion.flow import flow_loss
-    from vdiff.models.dit import DiT
 
     def loss_fn(model, batch, rng):
         return flow_loss(model, batch if encode is None else encode(batch), rng, config)
@@ -400,23 +416,22 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
     return _stage_engine(
         config,
         mesh,
-        lambda rngs: DiT.from_config(config, rngs),
+        lambda rngs: DiT.from_config(config.model, dit_sizes(config), rngs),
         loss_fn,
         t.lr,
         t.steps,
         warmup=t.warmup,
         weight_decay=t.weight_decay,
         ema_decay=t.ema_decay,
-        optimizer=t.get("optimizer", "adamw"),  # workdirs saved before the key existed
+        optimizer=t.optimizer,
+        muon_dims=DiT.muon_dims,
     )
 
 
-def dit_arrays(config, latents: dict, split: str = "train") -> dict[str, np.ndarray]:
+def dit_arrays(config, latents: LatentCache, split: str = "train") -> dict[str, np.ndarray]:
     """The transformer's inputs from the latent cache: normalised latents, tokens, mask."""
-    from data_pipelines.latents import load_split
-
-    cached = load_split(latents["dir"], split)
-    stats = latents["stats"]
+    cached = lc.load_split(latents.dir, split)
+    stats = latents.stats
     out = {
         "video_latents": normalized(cached["video"], stats["video"]),
         "tokens": cached["tokens"],
@@ -438,21 +453,23 @@ def dit_clip_arrays(config, data: Data, stats: dict, split: str = "train") -> di
     return out
 
 
-def train_dit(config, workdir: Path, mesh, data: Data, latents: dict, ae: dict | None = None):
+def train_dit(
+    config, workdir: Path, mesh, data: Data, latents: LatentCache, trained: Trained
+) -> tuple[TrainedModel, dict]:
     """Trains the transformer from the latent cache, or (``data.dit_input="clips"``) from
-    the decoded clips, encoding each batch with the frozen autoencoders ``ae``."""
+    the decoded clips, encoding each batch with the frozen autoencoders in ``trained``."""
     if dit_input(config) == "latents":
         engine = dit_engine(config, mesh)
         arrays = dit_arrays(config, latents)
     else:
-        if not ae or "vae" not in ae:
+        if trained.vae is None:
             raise UserError(
                 "data.dit_input='clips' needs the trained autoencoders; keep 'vae' (and "
                 "'audio_ae') in train.stages"
             )
-        engine = dit_engine(config, mesh, encode=clip_encoder(config, ae, latents["stats"]))
-        arrays = dit_clip_arrays(config, data, latents["stats"])
+        engine = dit_engine(config, mesh, encode=clip_encoder(config, trained, latents.stats))
+        arrays = dit_clip_arrays(config, data, latents.stats)
     state, summary = _run(
         "dit", engine, arrays, config, workdir, config.train.steps, config.train.batch_size
     )
-    return (engine, state, latents["stats"]), summary
+    return TrainedModel(engine, state), summary
