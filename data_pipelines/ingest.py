@@ -18,18 +18,23 @@ import collections
 import concurrent.futures as cf
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
+import logging
 import multiprocessing
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from data_pipelines import records, video_io
 from vdiff.errors import UserError
+from vdiff.manifest import file_sha256
 
 # Skip reasons, in addition to video_io's (empty_file, not_a_video, truncated,
 # no_video_stream, decode_error).
@@ -42,6 +47,9 @@ ERROR = "error"  # anything unexpected; the detail holds the exception
 
 MANIFEST = "manifest.json"
 META_FILE = "meta.jsonl"
+PARTS_DIR = ".ingest"  # one part record per finished shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -83,6 +91,7 @@ class Manifest:
     records_per_shard: int
     options: dict[str, Any]
     version: int = 1
+    fingerprint: str = ""  # of the captions files and options that made the shards
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
@@ -310,6 +319,60 @@ def _unique_keys(items: list[Item]) -> list[str]:
     return keys
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``: this host's slice of an ingest split over ``n`` hosts."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text!r}: write it as i/n with 0 <= i < n, e.g. --shard 0/4")
+    return i, n
+
+
+@dataclasses.dataclass
+class _Part:
+    """One finished shard: what ``OUT/.ingest/<shard>.json`` records (written after the shard)."""
+
+    path: str
+    records: int
+    bytes: int
+    sha256: str
+    skipped: list[dict[str, Any]]
+    fingerprint: str
+
+    def matches(self, out: Path, fingerprint: str, *, digest: bool) -> bool:
+        """Whether the shard on disk is this part's, for this ingest job."""
+        shard = out / self.path
+        if self.fingerprint != fingerprint or not shard.is_file():
+            return False
+        if shard.stat().st_size != self.bytes:
+            return False
+        return not digest or file_sha256(shard) == self.sha256
+
+
+def _fingerprint(captions_path: Path, prefix: str, records_per_shard: int, opts: _Options) -> str:
+    """What decides every shard's bytes: the captions (and meta) files, the options."""
+    h = hashlib.sha256(captions_path.read_bytes())
+    meta = captions_path.parent / META_FILE
+    h.update(meta.read_bytes() if meta.is_file() and meta != captions_path else b"")
+    h.update(json.dumps([prefix, records_per_shard, dataclasses.asdict(opts)]).encode())
+    return h.hexdigest()
+
+
+def _read_part(path: Path) -> _Part | None:
+    try:
+        return _Part(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):  # missing, cut short or foreign: not finished
+        return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def ingest(
     src,
     out,
@@ -322,10 +385,19 @@ def ingest(
     gop: int = 8,
     workers: int = 2,
     records_per_shard: int = 256,
-    overwrite: bool = True,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
-) -> Manifest:
+) -> Manifest | None:
     """Ingests videos + captions into ArrayRecord shards and writes ``OUT/manifest.json``.
+
+    The captions file's entries are cut into consecutive chunks of ``records_per_shard``;
+    chunk ``j`` becomes shard ``j`` (its good entries, in order), so a shard's bytes depend
+    only on the source list and the options, whoever writes it and whenever. A host given
+    ``shard=(i, n)`` writes the shards ``j`` with ``j % n == i``. Each finished shard gets a
+    part record ``OUT/.ingest/<shard>.json`` (records, bytes, sha256, its skipped entries),
+    written after the shard itself; a rerun keeps every shard whose part record matches the
+    file on disk (size and sha256) and writes the others, so a killed ingest resumes. The
+    call that finds every shard finished merges the parts into ``manifest.json``.
 
     Args:
         src: Source folder.
@@ -337,12 +409,13 @@ def ingest(
         reencode: Re-encode every video (H.264, keyframe every ``gop`` frames).
         gop: Keyframe interval when re-encoding.
         workers: Worker processes (<= 1: in this process).
-        records_per_shard: Records per shard.
-        overwrite: Replace existing shards with this prefix in ``out``.
+        records_per_shard: Captions-file entries per shard (a shard holds the good ones).
+        shard: ``(i, n)``: this call's slice of the shards, for ``n`` hosts.
         progress: Show a progress bar.
 
     Returns:
-        The :class:`Manifest` (also written to ``out/manifest.json``).
+        The :class:`Manifest` (also written to ``out/manifest.json``), or None while shards
+        of other slices are still missing.
 
     Raises:
         UserError: If the captions file cannot be found or has the wrong columns.
@@ -352,55 +425,129 @@ def ingest(
         raise UserError(f"ingest source {src} is not a folder")
     if gop < 1 or records_per_shard < 1:
         raise UserError(f"gop and records_per_shard must be >= 1, got {gop}, {records_per_shard}")
+    host, hosts = shard
+    if not 0 <= host < hosts:
+        raise UserError(f"shard {host}/{hosts}: use i/n with 0 <= i < n")
     captions_path = Path(captions) if captions is not None else find_captions(src, split)
     prefix = prefix or split or "clips"
+    records.check_prefix(prefix)
     items = read_captions(captions_path)
     keys = _unique_keys(items)
     opts = _Options(max_resolution=max_resolution, reencode=reencode, gop=gop)
+    fingerprint = _fingerprint(captions_path, prefix, records_per_shard, opts)
+    num = -(-len(items) // records_per_shard)
+    names = [f"{prefix}-{j:05d}-of-{num:05d}{records.SUFFIX}" for j in range(num)]
+    parts_dir = out / PARTS_DIR
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if host == 0:
+        _remove_other_layouts(out, prefix, num, fingerprint)
 
-    skipped: list[dict[str, Any]] = []
-    reasons: collections.Counter = collections.Counter()
+    todo = []
+    for j in range(host, num, hosts):
+        part = _read_part(parts_dir / f"{names[j]}.json")
+        if part is None or not part.matches(out, fingerprint, digest=True):
+            todo.append(j)
+    if len(todo) < len(range(host, num, hosts)):
+        log.info(
+            "ingest: %d shards already complete, kept", len(range(host, num, hosts)) - len(todo)
+        )
+    chunks = {
+        j: list(range(j * records_per_shard, min(len(items), (j + 1) * records_per_shard)))
+        for j in todo
+    }
+    jobs = [(items[k], keys[k], opts) for j in todo for k in chunks[j] if not items[k].reason]
+    results = _ordered_map(_process, jobs, workers)
+    bar = tqdm(
+        total=sum(len(c) for c in chunks.values()), desc="ingest", unit="clip", disable=not progress
+    )
+    for j in todo:
+        _write_shard(out, names[j], [items[k] for k in chunks[j]], results, fingerprint, bar)
+    bar.close()
+    return _merge_manifest(
+        out, names, fingerprint, src, captions_path, prefix, len(items), records_per_shard, opts
+    )
 
-    def skip(item: Item, reason: str, detail: str) -> None:
-        reasons[reason] += 1
-        entry = {"index": item.index, "line": item.line, "video": item.video}
-        skipped.append(entry | {"reason": reason, "detail": _printable(detail)})
 
-    good = []
-    for item, key in zip(items, keys):
-        if item.reason:
-            skip(item, item.reason, item.detail)
-        else:
-            good.append((item, key, opts))
+def _remove_other_layouts(out: Path, prefix: str, num: int, fingerprint: str) -> None:
+    """Host 0 clears what another ingest job left under this prefix: shards of another shard
+    count, and a manifest of another job (its shards are rewritten as they fail to match)."""
+    pattern = re.compile(
+        re.escape(prefix) + r"-\d{5}-of-(\d{5})" + re.escape(records.SUFFIX) + r"(\.partial)?"
+    )
+    for path in out.glob(f"{prefix}-*"):
+        m = pattern.fullmatch(path.name)
+        if m and int(m.group(1)) != num:
+            path.unlink(missing_ok=True)
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError:
+            old = {}
+        if old.get("prefix") == prefix and old.get("fingerprint") != fingerprint:
+            manifest.unlink()
 
-    bar = tqdm(total=len(items), desc="ingest", unit="clip", disable=not progress)
-    bar.update(len(items) - len(good))
-    with records.ShardWriter(out, prefix, records_per_shard, overwrite=overwrite) as writer:
-        for (item, _, _), (data, reason, detail) in zip(
-            good, _ordered_map(_process, good, workers)
-        ):
+
+def _write_shard(
+    out: Path, name: str, chunk: list[Item], results: Iterator, fingerprint: str, bar
+) -> None:
+    """Writes one shard from its chunk of entries (results come in the same order), then its part."""
+    skipped = []
+    final, partial = out / name, out / (name + ".partial")
+    partial.unlink(missing_ok=True)
+    writer = ArrayRecordWriter(str(partial), records.WRITER_OPTIONS)
+    written = 0
+    try:
+        for item in chunk:
+            if item.reason:
+                reason, detail, data = item.reason, item.detail, None
+            else:
+                data, reason, detail = next(results)
             if data is None:
-                skip(item, reason, detail)
+                entry = {"index": item.index, "line": item.line, "video": item.video}
+                skipped.append(entry | {"reason": reason, "detail": _printable(detail)})
             else:
                 writer.write(data)
+                written += 1
             bar.update(1)
-            bar.set_postfix(skipped=len(skipped), refresh=False)
-    bar.close()
-    skipped.sort(key=lambda e: e["index"])
+    finally:
+        writer.close()
+    partial.replace(final)
+    part = _Part(name, written, final.stat().st_size, file_sha256(final), skipped, fingerprint)
+    _atomic_write(
+        out / PARTS_DIR / f"{name}.json", json.dumps(dataclasses.asdict(part), ensure_ascii=False)
+    )
 
-    written = sum(writer.shard_sizes)
+
+def _merge_manifest(
+    out, names, fingerprint, src, captions_path, prefix, total, records_per_shard, opts
+):
+    """The manifest, once every shard's part is there and matches its file (by size)."""
+    parts = [_read_part(out / PARTS_DIR / f"{n}.json") for n in names]
+    done = [p is not None and p.matches(out, fingerprint, digest=False) for p in parts]
+    if not all(done):
+        log.info(
+            "ingest: %d of %d shards complete; the other slices write the rest",
+            sum(done),
+            len(names),
+        )
+        return None
+    skipped = sorted((e for p in parts for e in p.skipped), key=lambda e: e["index"])
+    reasons = collections.Counter(e["reason"] for e in skipped)
     manifest = Manifest(
         source=_printable(str(src)),
         captions=_printable(str(captions_path)),
         prefix=prefix,
-        counts={"total": len(items), "written": written, "skipped": len(skipped)},
+        counts={"total": total, "written": sum(p.records for p in parts), "skipped": len(skipped)},
         skip_reasons=dict(sorted(reasons.items())),
         skipped=skipped,
-        shards=[{"path": p.name, "records": n} for p, n in zip(writer.paths, writer.shard_sizes)],
+        shards=[
+            {"path": p.path, "records": p.records, "bytes": p.bytes, "sha256": p.sha256}
+            for p in parts
+        ],
         records_per_shard=records_per_shard,
-        options={"max_resolution": max_resolution, "reencode": reencode, "gop": gop},
+        options=dataclasses.asdict(opts),
+        fingerprint=fingerprint,
     )
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    tmp.replace(out / MANIFEST)  # atomic: a manifest always describes finished shards
+    _atomic_write(out / MANIFEST, manifest.to_json())  # a manifest always describes finished shards
     return manifest

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from data_pipelines import records, video_io
 from data_pipelines.audio import log_mel
 from data_pipelines.buckets import bucket_for_step, check_buckets
+from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -474,5 +475,10 @@ def decode_all(
     if reasons:
         log.warning("decode_all skipped %d bad records: %s", sum(reasons.values()), reasons)
     if not rows:
-        raise ValueError(f"no decodable clips in {split_root}")
+        counts = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "no records"
+        raise UserError(
+            f"split {Path(split_root).name} ({split_root}) has no usable clip for the bucket "
+            f"{height}x{width}x{frames} at {config.data.fps:g} fps: {counts}; check its "
+            "manifest.json and data.buckets / data.fps"
+        )
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

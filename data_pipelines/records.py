@@ -120,7 +120,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return rec
 
 
-def _check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.=+-]+", prefix or ""):
         raise ValueError(f"shard prefix {prefix!r} must be a plain name (letters, digits, _.=+-)")
 
@@ -139,7 +139,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir, prefix: str, records_per_shard: int = 256, *, overwrite=False):
-        _check_prefix(prefix)
+        check_prefix(prefix)
         if records_per_shard <= 0:
             raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
         self.out_dir = Path(out_dir)
@@ -227,7 +227,7 @@ def list_shards(root, prefix: str) -> list[str]:
     Raises:
         ValueError: If the set is incomplete or mixes shard counts (e.g. two runs' leftovers).
     """
-    _check_prefix(prefix)
+    check_prefix(prefix)
     pattern = re.compile(re.escape(prefix) + r"-(\d{5})-of-(\d{5})" + re.escape(SUFFIX))
     found = {}
     for path in Path(root).glob(f"{prefix}-*-of-*{SUFFIX}"):

@@ -136,3 +136,12 @@ def test_unknown_optimizer_names_the_key_and_choices():
     with pytest.raises(UserError, match=r"train\.optimizer='sgd': use 'adamw' or 'muon'"):
         load_config("tiny", ["train.optimizer=sgd"])
     assert load_config("tiny", ["train.optimizer=muon"]).train.optimizer == "muon"
+
+
+def test_object_store_paths_fail_naming_the_fix():
+    r = _cli("train", "--workdir", "gs://bucket/run1")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--workdir=gs://bucket/run1" in r.stderr
+    assert "mount the bucket" in r.stderr
+    with pytest.raises(UserError, match=r"data\.root=s3://b/clips: .*mount the bucket"):
+        load_config("tiny", ["data.root=s3://b/clips"])

@@ -2,8 +2,10 @@
 
 import json
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +163,9 @@ def test_ingest_skips_exactly_the_bad_files(parallel_out):
     assert {s["video"]: s["reason"] for s in manifest.skipped} == BAD
     assert manifest.skip_reasons == {r: 1 for r in BAD.values()}
     assert Manifest.load(out) == manifest
-    assert [s["records"] for s in manifest.shards] == [3, 1]
+    # Shards are chunks of 3 captions-file entries, each holding its good ones: (a, b,
+    # truncated), (random, empty, audio), (badcap, c, d).
+    assert [s["records"] for s in manifest.shards] == [2, 0, 2]
 
     source = RecordSource(manifest.shard_paths(out))
     recs = [source[i] for i in range(len(source))]
@@ -180,6 +184,76 @@ def test_serial_ingest_writes_identical_shards(source, parallel_out, tmp_path):
     assert serial.skipped == manifest.skipped and serial.shards == manifest.shards
     for shard in manifest.shards:
         assert (tmp_path / shard["path"]).read_bytes() == (out / shard["path"]).read_bytes()
+
+
+def _shard_bytes(out: Path, manifest: Manifest) -> list[bytes]:
+    return [(out / s["path"]).read_bytes() for s in manifest.shards]
+
+
+def test_slices_on_two_hosts_write_what_one_host_writes(source, tmp_path):
+    one = ingest(source, tmp_path / "one", workers=1, records_per_shard=2, progress=False)
+    sliced = tmp_path / "sliced"
+    first = ingest(source, sliced, workers=1, records_per_shard=2, shard=(1, 2), progress=False)
+    assert first is None and not (sliced / "manifest.json").exists()  # slice 0 still missing
+    assert len(list(sliced.glob("*.array_record"))) == 2  # shards 1 and 3 of 5
+    both = ingest(source, sliced, workers=2, records_per_shard=2, shard=(0, 2), progress=False)
+    assert both is not None and Manifest.load(sliced) == both
+    assert both.shards == one.shards and both.skipped == one.skipped
+    assert both.counts == one.counts == {"total": 9, "written": 4, "skipped": 5}
+    assert _shard_bytes(sliced, both) == _shard_bytes(tmp_path / "one", one)
+
+
+def test_rerun_keeps_finished_shards_and_rewrites_damaged_ones(source, tmp_path):
+    first = ingest(source, tmp_path, workers=1, records_per_shard=2, progress=False)
+    paths = [tmp_path / s["path"] for s in first.shards]
+    want = [p.read_bytes() for p in paths]
+    kept = paths[0].stat().st_mtime_ns
+    paths[1].write_bytes(want[1][:-7])  # cut short: its size no longer matches
+    paths[2].write_bytes(bytes([want[2][0] ^ 1]) + want[2][1:])  # same size, other digest
+    (tmp_path / ".ingest" / f"{paths[3].name}.json").unlink()  # killed before its part
+    again = ingest(source, tmp_path, workers=1, records_per_shard=2, progress=False)
+    assert again == first
+    assert [p.read_bytes() for p in paths] == want
+    assert paths[0].stat().st_mtime_ns == kept  # a finished shard is not written again
+
+
+@pytest.fixture(scope="module")
+def many_clips(tmp_path_factory):
+    src = tmp_path_factory.mktemp("many")
+    lines = []
+    for i in range(24):
+        (src / f"c{i:02d}.mp4").write_bytes(make_mp4(index_frames(6, 16, 16), 6.0))
+        lines.append(json.dumps({"video": f"c{i:02d}.mp4", "caption": f"clip {i}"}))
+    (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return src
+
+
+def test_ingest_killed_half_way_resumes_to_the_same_records(many_clips, tmp_path):
+    whole = ingest(many_clips, tmp_path / "whole", workers=1, records_per_shard=1, progress=False)
+    out = tmp_path / "killed"
+    code = (
+        "import sys; from data_pipelines.ingest import ingest; "
+        "ingest(sys.argv[1], sys.argv[2], workers=1, records_per_shard=1, progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(many_clips), str(out)])
+    parts = out / ".ingest"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(list(parts.glob("*.json"))) < 4:
+        assert time.monotonic() < deadline, "ingest wrote no shard in 120 s"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert not (out / "manifest.json").exists()
+    done = {p.name for p in parts.glob("*.json")}
+    assert 4 <= len(done) < 24
+    mtimes = {n: (out / n.removesuffix(".json")).stat().st_mtime_ns for n in done}
+    resumed = ingest(many_clips, out, workers=1, records_per_shard=1, progress=False)
+    assert resumed == whole  # the same manifest (shards, sizes, digests, counts)
+    assert _shard_bytes(out, resumed) == _shard_bytes(tmp_path / "whole", whole)
+    assert [(out / n.removesuffix(".json")).stat().st_mtime_ns for n in mtimes] == list(
+        mtimes.values()
+    )  # what the killed run finished was kept
+    assert not list(out.glob("*.partial"))
 
 
 def test_unicode_caption_round_trips_through_ingest_and_tokenizer(parallel_out, tmp_path):

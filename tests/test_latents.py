@@ -86,7 +86,8 @@ def setup(tmp_path_factory):
     mesh = make_mesh(config)
     rng = np.random.default_rng(0)
     parts = {"train": _split(rng, 24, "train"), "val": _split(rng, 8, "val")}
-    data = Data(root=tmp_path_factory.mktemp("data"), tokenizer=None, mel_stats={}, parts=parts)
+    root = tmp_path_factory.mktemp("data")
+    data = Data(root=root, records=root, tokenizer=None, mel_stats={}, parts=parts)
     ae = Trained(
         vae=_random_state(stages.video_vae_engine(config, mesh), 1),
         audio_ae=_random_state(stages.audio_ae_engine(config, mesh), 2),

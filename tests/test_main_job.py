@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -93,3 +94,40 @@ def test_rerun_resumes_instead_of_retraining(workdir):
     _vdiff("train", "--config", "tiny:smoke", "--workdir", str(workdir), "--no-report")
     for stage, text in before.items():
         assert (workdir / "metrics" / stage / "metrics.jsonl").read_text() == text
+
+
+CAPTIONS = [
+    "a slow pan over a wooden table",
+    "rain on a window at night",
+    "waves, seen from a pier",
+]
+
+
+def test_train_on_ingested_clips_whose_captions_name_no_shapes(tmp_path):
+    """Every stage and the report on `vdiff data ingest` output that is not shapes data."""
+    from _media import index_frames, make_mp4, tone
+
+    root = tmp_path / "records"
+    for split, n in (("train", 24), ("val", 8)):
+        src = tmp_path / "src" / split
+        src.mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            audio = tone(220.0 + 20 * i, 2.0) if i % 2 else None
+            frames = np.roll(index_frames(16, 32, 32), i, axis=2)
+            (src / f"v{i}.mp4").write_bytes(make_mp4(frames, 8.0, audio=audio))
+            lines.append(json.dumps({"video": f"v{i}.mp4", "caption": CAPTIONS[i % 3]}))
+        (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
+        _vdiff("data", "ingest", str(src), str(root / split), "--workers", "1")
+    wd = tmp_path / "work"
+    _vdiff(
+        "train", "--config", "tiny:smoke", "--workdir", str(wd), "--config.data.name=records",
+        f"--config.data.root={root}",
+    )  # fmt: skip
+    metrics = json.loads((wd / "report" / "metrics.json").read_text())
+    assert np.isfinite(metrics["ae.video_psnr"]) and "ae.audio_sync_f1" in metrics
+    assert not any(k.endswith("colour_acc") for k in metrics)  # no shapes: no oracle rows
+    clips = sorted((wd / "report" / "clips").glob("oracle_*.mp4"))
+    assert len(clips) == 8 and all(c.stat().st_size > 0 for c in clips)
+    html = (wd / "report" / "index.html").read_text()
+    assert CAPTIONS[0] in html

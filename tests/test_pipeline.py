@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from data_pipelines import pipeline, records
 from data_pipelines.buckets import bucket_for_step, check_buckets
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.config import load_config
+from vdiff.errors import UserError
 from vdiff.parallel.mesh import to_global
 
 REPO = Path(__file__).resolve().parent.parent
@@ -308,3 +310,15 @@ def test_bad_config_and_missing_data_raise_clear_errors(data, tmp_path):
     assert len(pipeline.open_split(tmp_path / "train")) == 2
     with pytest.raises(ValueError, match="cannot fill a batch"):
         build(data, batch_size=NUM_CLIPS + 1)
+
+
+def test_decode_all_names_the_split_and_reasons_when_nothing_is_usable(data):
+    """Clips shorter than the bucket everywhere: one line with the split and the counts."""
+    c = _config(buckets=((32, 32, 64),))  # 8 s at 8 fps from 3 s sources
+    tok = Tokenizer(data / "tok.model")
+    with pytest.raises(UserError) as e:
+        pipeline.decode_all(data / "bad", c, tok, progress=False)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("split bad (")
+    assert "32x32x64 at 8 fps" in text and "1 RecordError" in text
+    assert int(re.search(r"(\d+) too_short", text).group(1)) >= NUM_CLIPS

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from vdiff.config import check_local_path
 from vdiff.errors import UserError
 
 CONFIG_HELP = (
@@ -185,7 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--gop", type=int, default=8, help="keyframe interval when re-encoding")
     q.add_argument("--workers", type=int, default=2)
-    q.add_argument("--records-per-shard", type=int, default=256)
+    q.add_argument(
+        "--records-per-shard",
+        type=int,
+        default=256,
+        help="captions-file entries per shard (a shard holds the good ones)",
+    )
+    q.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: write this host's slice (shards j with j %% n == i); default: from "
+        "JAX_PROCESS_ID / JAX_NUM_PROCESSES when set, else 0/1. A rerun keeps finished shards.",
+    )
     q = dsub.add_parser(
         "tokenizer",
         help="train a sentencepiece model on captions",
@@ -249,6 +261,9 @@ def run(argv: list[str]) -> int:
         return 2
     if overrides and args.command not in ("train", "data"):
         raise UserError(f"--config.* overrides apply to 'vdiff train', not 'vdiff {args.command}'")
+    for name in ("workdir", "out", "src", "bundle"):
+        if isinstance(getattr(args, name, None), str):
+            check_local_path(f"--{name}", getattr(args, name))
     _setup_logging()
     # Imported here, not at the top: `vdiff --help` and argument errors answer without
     # loading JAX and the models (seconds).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from data_pipelines.ingest import ingest
+from data_pipelines.ingest import ingest, parse_shard
 from data_pipelines.shapes.synth import synth_splits
 from data_pipelines.tokenizer import captions_from, train_tokenizer
 from vdiff import sampling, serving
@@ -85,6 +85,13 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _ingest_shard(text: str | None) -> tuple[int, int]:
+    """``--shard i/n``, else this process's place under a JAX launcher's environment."""
+    if text is None and "JAX_NUM_PROCESSES" in os.environ:
+        text = f"{os.environ.get('JAX_PROCESS_ID', '0')}/{os.environ['JAX_NUM_PROCESSES']}"
+    return parse_shard(text) if text is not None else (0, 1)
+
+
 def data(args: argparse.Namespace, overrides: list[str]) -> int:
     cmd = args.data_command
     if cmd == "synth":
@@ -119,9 +126,12 @@ def data(args: argparse.Namespace, overrides: list[str]) -> int:
             gop=args.gop,
             workers=args.workers,
             records_per_shard=args.records_per_shard,
+            shard=_ingest_shard(args.shard),
         )
-        counts = manifest["counts"] if isinstance(manifest, dict) else manifest.counts
-        print(json.dumps(counts))
+        if manifest is None:
+            print("this slice is done; the manifest is written once every slice has run")
+        else:
+            print(json.dumps(manifest.counts))
         return 0
     if cmd == "tokenizer":
         path = train_tokenizer(captions_from(Path(args.src)), args.out, vocab_size=args.vocab_size)

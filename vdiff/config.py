@@ -250,8 +250,19 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     node[leaf] = _parse_value(key, text, current)
 
 
+def check_local_path(what: str, path: str) -> None:
+    """vdiff reads and writes files through the file system: an object-store URL (``gs://``,
+    ``s3://``) fails here, naming the fix, instead of later as a strange local path."""
+    if "://" in str(path):
+        raise UserError(
+            f"{what}={path}: vdiff reads and writes files through the file system; mount the "
+            "bucket (e.g. gcsfuse BUCKET /mnt/BUCKET) and pass the mounted path"
+        )
+
+
 def check_static(config: ml_collections.ConfigDict) -> None:
-    """Checks that need no devices: mesh axis names and at most one -1."""
+    """Checks that need no devices: mesh axis names and at most one -1, paths, ranges."""
+    check_local_path("data.root", config.data.root)
     mesh = config.mesh
     for axis in mesh.shape:
         if axis not in MESH_AXES:

@@ -1,4 +1,5 @@
-"""Reading vdiff's own JSON descriptions (latent caches, export bundles) with one error style.
+"""Reading vdiff's own JSON descriptions (latent caches, export bundles) with one error style,
+and the file digests that manifests record.
 
 Kept free of heavy imports: the serving side of an export bundle reads its manifest
 through here without loading any model code.
@@ -6,6 +7,7 @@ through here without loading any model code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,3 +42,12 @@ def read_versioned_json(
             f"{path} has {what} version {data.get(version_key)}, this vdiff reads {version}; {fix}"
         )
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

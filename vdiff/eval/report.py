@@ -66,6 +66,13 @@ def _sync(prefix: str, videos, audios, fps: float, sr: int) -> dict:
     return out
 
 
+def _oracle(prefix: str, videos, captions: list[str]) -> dict:
+    """The oracle's scores (``ATTRS``) of the clips whose captions name a coloured shape
+    (the shapes data); on other data there is nothing for it to check, so none."""
+    pairs = [(v, c) for v, c in zip(videos, captions) if parse_caption(c)["shapes"]]
+    return _prefixed(prefix, score_clips(pairs)) if pairs else {}
+
+
 def clip_scores(video, caption: str, fps: float, audio=None, sr: int = 16000) -> dict:
     """One clip's scores: the oracle's attributes (``ATTRS``) when the caption names a
     coloured shape, and with audio the sync scores (``sync_*``, see :func:`_sync`)."""
@@ -155,7 +162,7 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
             prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal, **start
         )
         metrics[f"{prefix}.seconds_per_clip"] = (time.time() - t) / k
-        metrics.update(_prefixed(prefix, score_clips(list(zip(out["video"], prompts)))))
+        metrics.update(_oracle(prefix, out["video"], prompts))
         if "audio" in out:
             metrics.update(_sync(prefix, out["video"], out["audio"], fps, sr))
             # Chance floor for these very clips: each video with another clip's audio.
@@ -177,7 +184,7 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
                         "prompt": prompts[i],
                         "mp4": files["mp4"].name,
                         "png": files["png"].name,
-                        **{a: single[a] for a in ATTRS},
+                        **{a: single.get(a) for a in ATTRS},
                     }
                 )
 
@@ -199,13 +206,9 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
     split = data.split("val")
     k = min(n, len(split))
     gt_videos = split.video[:k]
-    metrics.update(_prefixed("control.gt", score_clips(list(zip(gt_videos, split.captions[:k])))))
+    metrics.update(_oracle("control.gt", gt_videos, split.captions[:k]))
     perm = rng.permutation(k)
-    metrics.update(
-        _prefixed(
-            "control.shuffled", score_clips(list(zip(gt_videos, [split.captions[i] for i in perm])))
-        )
-    )
+    metrics.update(_oracle("control.shuffled", gt_videos, [split.captions[i] for i in perm]))
     if split.has_audio.any():
         waves = _gt_waves(data, "val", k)
         metrics.update(_sync("control.gt", gt_videos, waves, fps, sr))
@@ -245,14 +248,14 @@ def _decoder_references(gen, split, n: int, renoise_t, seed: int) -> dict:
             z = gen.renoise(videos[i : i + 16], t, rngs) / (1.0 - t)
             clips.append(gen.decode(z)["video"])
         name = "control.recon" if t == 0.0 else f"control.noisy_{t:g}"
-        out.update(_prefixed(name, score_clips(list(zip(np.concatenate(clips), prompts)))))
+        out.update(_oracle(name, np.concatenate(clips), prompts))
     return out
 
 
 def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
     """Ground-truth audio of the first k clips, decoded from their records."""
 
-    src = open_split(data.root / "records" / split_name)
+    src = open_split(data.records / split_name)
     waves = []
     for index in data.split(split_name).indices[:k]:
         rec = decode_record(src[int(index)])
@@ -264,14 +267,19 @@ def _write_html(report: Path, metrics: dict, rows: list[dict]) -> None:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
 
+    def scores(r):  # the oracle's reading of a clip, on shapes captions
+        if r["colour_acc"] is None:
+            return ""
+        return (f"<br>colour {r['colour_acc']:.2f} shape {r['shape_acc']:.2f} "
+                f"direction {r['direction_acc']:.2f} bg {r['background_acc']:.2f}")  # fmt: skip
+
     groups = sorted({k.rsplit(".", 1)[0] for k in metrics})
     table = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in sorted(metrics.items())
     )
     cards = "".join(
         f"""<figure><video src="clips/{r["mp4"]}" controls loop muted autoplay width="192"></video>
-<img src="clips/{r["png"]}" width="384"><figcaption><b>{html.escape(r["group"])}</b>: {html.escape(r["prompt"])}<br>
-colour {r["colour_acc"]:.2f} shape {r["shape_acc"]:.2f} direction {r["direction_acc"]:.2f} bg {r["background_acc"]:.2f}</figcaption></figure>"""
+<img src="clips/{r["png"]}" width="384"><figcaption><b>{html.escape(r["group"])}</b>: {html.escape(r["prompt"])}{scores(r)}</figcaption></figure>"""
         for r in rows
     )
     thin = sorted(k.removesuffix(".sync_measurable") for k, v in metrics.items()

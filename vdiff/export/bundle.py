@@ -37,7 +37,6 @@ as used. :mod:`vdiff.serving` loads and runs a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -56,6 +55,7 @@ import vdiff
 from vdiff import serving
 from vdiff.diffusion.samplers import SAMPLERS, denoise_step
 from vdiff.errors import UserError
+from vdiff.manifest import file_sha256
 from vdiff.models.dit import DiT
 from vdiff.models.text_encoder import PAD_ID
 from vdiff.sampling import Generator
@@ -183,7 +183,7 @@ def export_generator(
         },
         "generation": shapes,
         "files": {
-            p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         },
@@ -396,14 +396,6 @@ def _aval_spec(a) -> dict:
 
 def _spec(x: np.ndarray) -> dict:
     return {"shape": list(x.shape), "dtype": str(x.dtype)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_orbax(path: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -51,6 +51,7 @@ class Split:
 @dataclasses.dataclass
 class Data:
     root: Path
+    records: Path  # the ArrayRecord splits (``records/<split>``)
     tokenizer: object
     mel_stats: dict[str, float]
     parts: dict[str, Split]
@@ -151,7 +152,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     stats = {"mean": float(mel.mean()), "std": float(mel.std() + 1e-6)}
     for s in parts.values():
         s.mel_norm = ((s.mel - stats["mean"]) / stats["std"]).astype(np.float32)
-    return Data(root=root, tokenizer=tokenizer, mel_stats=stats, parts=parts)
+    return Data(root=root, records=records, tokenizer=tokenizer, mel_stats=stats, parts=parts)
 
 
 def _decoded_split(
