@@ -24,7 +24,9 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,10 @@ ERROR = "error"  # anything unexpected; the detail holds the exception
 MANIFEST = "manifest.json"
 META_FILE = "meta.jsonl"
 PARTS_DIR = ".ingest"  # one part record per finished shard
+# 2: shard j holds chunk j of the captions file's entries; shards carry sizes and digests.
+FORMAT_VERSION = 2
+# Skips that may pass on their own (a flaky mount, an odd error): a rerun tries them again.
+TRANSIENT = (UNREADABLE, ERROR)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ class Manifest:
     shards: list[dict[str, Any]]
     records_per_shard: int
     options: dict[str, Any]
-    version: int = 1
+    version: int = 1  # FORMAT_VERSION of the ingest that wrote it
     fingerprint: str = ""  # of the captions files and options that made the shards
 
     def to_json(self) -> str:
@@ -342,21 +348,45 @@ class _Part:
     fingerprint: str
 
     def matches(self, out: Path, fingerprint: str, *, digest: bool) -> bool:
-        """Whether the shard on disk is this part's, for this ingest job."""
+        """Whether the shard on disk is this part's, for this chunk of this ingest job, and
+        none of its entries was skipped for a reason that may pass (a read error)."""
         shard = out / self.path
         if self.fingerprint != fingerprint or not shard.is_file():
+            return False
+        if any(e["reason"] in TRANSIENT for e in self.skipped):
             return False
         if shard.stat().st_size != self.bytes:
             return False
         return not digest or file_sha256(shard) == self.sha256
 
 
-def _fingerprint(captions_path: Path, prefix: str, records_per_shard: int, opts: _Options) -> str:
-    """What decides every shard's bytes: the captions (and meta) files, the options."""
+def _job_fingerprint(
+    captions_path: Path, prefix: str, records_per_shard: int, opts: _Options
+) -> str:
+    """What decides every shard: the captions (and meta) files, where their paths resolve,
+    the options and this format's version."""
     h = hashlib.sha256(captions_path.read_bytes())
     meta = captions_path.parent / META_FILE
     h.update(meta.read_bytes() if meta.is_file() and meta != captions_path else b"")
-    h.update(json.dumps([prefix, records_per_shard, dataclasses.asdict(opts)]).encode())
+    where = str(captions_path.parent.resolve())
+    h.update(
+        json.dumps(
+            [FORMAT_VERSION, where, prefix, records_per_shard, dataclasses.asdict(opts)]
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def _chunk_fingerprint(job: str, chunk: list[Item]) -> str:
+    """The job's fingerprint plus each video file's size and modification time: a video
+    replaced or repaired since a shard was written makes that shard stale."""
+    h = hashlib.sha256(job.encode())
+    for item in chunk:
+        try:
+            st = Path(item.path).stat() if item.path else None
+        except OSError:
+            st = None
+        h.update(json.dumps([item.path, st and st.st_size, st and st.st_mtime_ns]).encode())
     return h.hexdigest()
 
 
@@ -367,10 +397,15 @@ def _read_part(path: Path) -> _Part | None:
         return None
 
 
+def _own_name(path: Path, suffix: str) -> Path:
+    """``path`` with a suffix of this process's own: hosts never touch each other's files."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{suffix}")
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _own_name(path, ".tmp")
     tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    tmp.replace(path)  # every writer of one path writes the same text
 
 
 def ingest(
@@ -430,22 +465,26 @@ def ingest(
         raise UserError(f"shard {host}/{hosts}: use i/n with 0 <= i < n")
     captions_path = Path(captions) if captions is not None else find_captions(src, split)
     prefix = prefix or split or "clips"
-    records.check_prefix(prefix)
+    try:
+        records.check_prefix(prefix)
+    except ValueError as e:
+        raise UserError(f"ingest prefix: {e}") from None
     items = read_captions(captions_path)
     keys = _unique_keys(items)
     opts = _Options(max_resolution=max_resolution, reencode=reencode, gop=gop)
-    fingerprint = _fingerprint(captions_path, prefix, records_per_shard, opts)
+    job = _job_fingerprint(captions_path, prefix, records_per_shard, opts)
     num = -(-len(items) // records_per_shard)
+    chunk_of = [items[j * records_per_shard : (j + 1) * records_per_shard] for j in range(num)]
+    fingerprints = [_chunk_fingerprint(job, chunk) for chunk in chunk_of]
     names = [f"{prefix}-{j:05d}-of-{num:05d}{records.SUFFIX}" for j in range(num)]
     parts_dir = out / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
-    if host == 0:
-        _remove_other_layouts(out, prefix, num, fingerprint)
+    _remove_other_jobs(out, prefix, num, job, clear_files=host == 0)
 
     todo = []
     for j in range(host, num, hosts):
         part = _read_part(parts_dir / f"{names[j]}.json")
-        if part is None or not part.matches(out, fingerprint, digest=True):
+        if part is None or not part.matches(out, fingerprints[j], digest=True):
             todo.append(j)
     if len(todo) < len(range(host, num, hosts)):
         log.info(
@@ -461,31 +500,43 @@ def ingest(
         total=sum(len(c) for c in chunks.values()), desc="ingest", unit="clip", disable=not progress
     )
     for j in todo:
-        _write_shard(out, names[j], [items[k] for k in chunks[j]], results, fingerprint, bar)
+        _write_shard(out, names[j], [items[k] for k in chunks[j]], results, fingerprints[j], bar)
     bar.close()
     return _merge_manifest(
-        out, names, fingerprint, src, captions_path, prefix, len(items), records_per_shard, opts
+        out,
+        names,
+        fingerprints,
+        job,
+        src,
+        captions_path,
+        prefix,
+        len(items),
+        records_per_shard,
+        opts,
     )
 
 
-def _remove_other_layouts(out: Path, prefix: str, num: int, fingerprint: str) -> None:
-    """Host 0 clears what another ingest job left under this prefix: shards of another shard
-    count, and a manifest of another job (its shards are rewritten as they fail to match)."""
-    pattern = re.compile(
-        re.escape(prefix) + r"-\d{5}-of-(\d{5})" + re.escape(records.SUFFIX) + r"(\.partial)?"
-    )
-    for path in out.glob(f"{prefix}-*"):
-        m = pattern.fullmatch(path.name)
-        if m and int(m.group(1)) != num:
-            path.unlink(missing_ok=True)
+def _remove_other_jobs(out: Path, prefix: str, num: int, job: str, *, clear_files: bool) -> None:
+    """Clears what another ingest job left under this prefix. Every host drops a manifest
+    of another job at once (readers must not take the shards being rewritten for it);
+    slice 0 alone (``clear_files``) removes shards and part records of another shard count
+    (the shards of this count are rewritten as they fail to match)."""
     manifest = out / MANIFEST
     if manifest.is_file():
         try:
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except ValueError:
-            old = {}
-        if old.get("prefix") == prefix and old.get("fingerprint") != fingerprint:
-            manifest.unlink()
+            old = {"prefix": prefix}
+        if old.get("prefix") == prefix and old.get("fingerprint") != job:
+            manifest.unlink(missing_ok=True)
+    if not clear_files:
+        return
+    shard = re.compile(re.escape(prefix) + r"-\d{5}-of-(\d{5})" + re.escape(records.SUFFIX))
+    for folder in (out, out / PARTS_DIR):
+        for path in folder.glob(f"{prefix}-*"):
+            m = shard.match(path.name)
+            if m and int(m.group(1)) != num:  # of another shard count, finished or not
+                path.unlink(missing_ok=True)
 
 
 def _write_shard(
@@ -493,8 +544,11 @@ def _write_shard(
 ) -> None:
     """Writes one shard from its chunk of entries (results come in the same order), then its part."""
     skipped = []
-    final, partial = out / name, out / (name + ".partial")
-    partial.unlink(missing_ok=True)
+    final = out / name
+    # What a killed writer of this shard left (only this slice writes it).
+    for stale in [*out.glob(f"{name}.*.partial"), *(out / PARTS_DIR).glob(f"{name}.json.*.tmp")]:
+        stale.unlink(missing_ok=True)
+    partial = _own_name(final, ".partial")
     writer = ArrayRecordWriter(str(partial), records.WRITER_OPTIONS)
     written = 0
     try:
@@ -520,11 +574,12 @@ def _write_shard(
 
 
 def _merge_manifest(
-    out, names, fingerprint, src, captions_path, prefix, total, records_per_shard, opts
+    out, names, fingerprints, job, src, captions_path, prefix, total, records_per_shard, opts
 ):
     """The manifest, once every shard's part is there and matches its file (by size)."""
     parts = [_read_part(out / PARTS_DIR / f"{n}.json") for n in names]
-    done = [p is not None and p.matches(out, fingerprint, digest=False) for p in parts]
+    # Sizes only: every shard's digest was checked by the process that kept or wrote it.
+    done = [p is not None and p.matches(out, f, digest=False) for p, f in zip(parts, fingerprints)]
     if not all(done):
         log.info(
             "ingest: %d of %d shards complete; the other slices write the rest",
@@ -547,7 +602,8 @@ def _merge_manifest(
         ],
         records_per_shard=records_per_shard,
         options=dataclasses.asdict(opts),
-        fingerprint=fingerprint,
+        fingerprint=job,
+        version=FORMAT_VERSION,
     )
     _atomic_write(out / MANIFEST, manifest.to_json())  # a manifest always describes finished shards
     return manifest

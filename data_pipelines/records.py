@@ -7,7 +7,9 @@ Shards are ArrayRecord files written with ``group_size:1`` (each record individu
 addressable, which random access needs). The shard count is only known once all records are
 written, so :class:`ShardWriter` writes ``{prefix}-{i:05d}.array_record.partial`` and, on
 :meth:`ShardWriter.close`, renames them to ``{prefix}-{i:05d}-of-{n:05d}.array_record``. A
-crashed write therefore never leaves files that :func:`list_shards` would pick up.
+crashed write therefore never leaves files that :func:`list_shards` would pick up. (Ingest
+knows its shard count up front and writes each shard on its own; its ``manifest.json``,
+written once every shard is finished, is what says a split is complete.)
 
 Reading: :class:`RecordSource` is a grain ``RandomAccessDataSource`` over all shards of a
 prefix (the multi-file indexing is grain's ``ArrayRecordDataSource``); it decodes on access.
@@ -240,7 +242,7 @@ def list_shards(root, prefix: str) -> list[str]:
     if len(counts) != 1 or indices != list(range(next(iter(counts)))):
         raise ValueError(
             f"shards '{prefix}' in {root} are incomplete or mixed (indices {indices}, "
-            f"counts {sorted(counts)}); re-run ingest with overwrite"
+            f"counts {sorted(counts)}); re-run the ingest or the stage that wrote them"
         )
     return [found[k] for k in sorted(found)]
 

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_pipelines import ingest, records
-
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _NUM_SPECIAL = 4
 _NUM_BYTES = 256  # byte-fallback pieces <0x00> ... <0xFF>
@@ -238,6 +236,9 @@ def captions_from(src) -> list[str]:
     Returns:
         The captions that ingest would keep, in file order.
     """
+    # Imported here: a server loads Tokenizer from this module and needs neither PyAV nor
+    # ArrayRecord, which ingest and records bring.
+    from data_pipelines import ingest, records
 
     src = Path(src)
     if src.is_file():

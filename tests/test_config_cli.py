@@ -145,3 +145,16 @@ def test_object_store_paths_fail_naming_the_fix():
     assert "mount the bucket" in r.stderr
     with pytest.raises(UserError, match=r"data\.root=s3://b/clips: .*mount the bucket"):
         load_config("tiny", ["data.root=s3://b/clips"])
+
+
+def test_records_split_without_manifest_is_one_line(tmp_path):
+    """A split whose ingest has not finished (no manifest.json yet) is refused, not read."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "clips-00000-of-00002.array_record").write_bytes(b"")
+    r = _cli(
+        "train", "--config", "tiny:smoke", "--workdir", str(tmp_path / "w"),
+        "--config.data.name=records", f"--config.data.root={tmp_path}",
+    )  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no manifest.json" in lines[0] and "--shard" in lines[0]

@@ -231,21 +231,28 @@ def many_clips(tmp_path_factory):
 def test_ingest_killed_half_way_resumes_to_the_same_records(many_clips, tmp_path):
     whole = ingest(many_clips, tmp_path / "whole", workers=1, records_per_shard=1, progress=False)
     out = tmp_path / "killed"
+    # The child stops for good once it has finished 4 shards; then it is SIGKILLed.
     code = (
-        "import sys; from data_pipelines.ingest import ingest; "
-        "ingest(sys.argv[1], sys.argv[2], workers=1, records_per_shard=1, progress=False)"
+        "import sys, time; from pathlib import Path; import data_pipelines.ingest as m\n"
+        "real, n = m._write_shard, [0]\n"
+        "def stop_after_four(*a, **k):\n"
+        "    real(*a, **k); n[0] += 1\n"
+        "    if n[0] == 4: Path(sys.argv[3]).touch(); time.sleep(600)\n"
+        "m._write_shard = stop_after_four\n"
+        "m.ingest(sys.argv[1], sys.argv[2], workers=1, records_per_shard=1, progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(many_clips), str(out)])
-    parts = out / ".ingest"
+    marker = tmp_path / "four_done"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(many_clips), str(out), str(marker)])
     deadline = time.monotonic() + 120
-    while proc.poll() is None and len(list(parts.glob("*.json"))) < 4:
-        assert time.monotonic() < deadline, "ingest wrote no shard in 120 s"
-        time.sleep(0.002)
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the ingest did not get going"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert proc.wait() == -signal.SIGKILL
+    parts = out / ".ingest"
     assert not (out / "manifest.json").exists()
     done = {p.name for p in parts.glob("*.json")}
-    assert 4 <= len(done) < 24
+    assert len(done) == 4
     mtimes = {n: (out / n.removesuffix(".json")).stat().st_mtime_ns for n in done}
     resumed = ingest(many_clips, out, workers=1, records_per_shard=1, progress=False)
     assert resumed == whole  # the same manifest (shards, sizes, digests, counts)
@@ -254,6 +261,41 @@ def test_ingest_killed_half_way_resumes_to_the_same_records(many_clips, tmp_path
         mtimes.values()
     )  # what the killed run finished was kept
     assert not list(out.glob("*.partial"))
+
+
+def test_a_repaired_video_is_ingested_on_rerun(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.mp4").write_bytes(b"not a video at all" * 50)
+    (src / "b.mp4").write_bytes(make_mp4(index_frames(6, 16, 16), 6.0))
+    lines = [json.dumps({"video": v, "caption": f"clip {v}"}) for v in ("a.mp4", "b.mp4")]
+    (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    first = ingest(src, tmp_path / "out", workers=1, records_per_shard=1, progress=False)
+    assert first.counts == {"total": 2, "written": 1, "skipped": 1}
+    kept = (tmp_path / "out" / first.shards[1]["path"]).stat().st_mtime_ns
+    (src / "a.mp4").write_bytes(make_mp4(index_frames(6, 16, 16), 6.0))  # the fix
+    again = ingest(src, tmp_path / "out", workers=1, records_per_shard=1, progress=False)
+    assert again.counts == {"total": 2, "written": 2, "skipped": 0}
+    assert (tmp_path / "out" / again.shards[1]["path"]).stat().st_mtime_ns == kept
+
+
+def test_ingest_slice_from_the_launcher_environment(monkeypatch):
+    from vdiff.commands import _ingest_shard
+
+    for name in ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _ingest_shard(None) == (0, 1)
+    assert _ingest_shard("2/4") == (2, 4)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    assert _ingest_shard(None) == (5, 8)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")  # a JAX launcher's variables come first
+    with pytest.raises(UserError, match="JAX_PROCESS_ID is not set"):
+        _ingest_shard(None)
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert _ingest_shard(None) == (3, 4)
+    with pytest.raises(UserError, match="0 <= i < n"):
+        _ingest_shard("4/4")
 
 
 def test_unicode_caption_round_trips_through_ingest_and_tokenizer(parallel_out, tmp_path):

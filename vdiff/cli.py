@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         default=None,
         help="i/n: write this host's slice (shards j with j %% n == i); default: from "
-        "JAX_PROCESS_ID / JAX_NUM_PROCESSES when set, else 0/1. A rerun keeps finished shards.",
+        "JAX_PROCESS_ID / JAX_NUM_PROCESSES or SLURM_PROCID / SLURM_NTASKS when set, else "
+        "0/1. A rerun keeps finished shards.",
     )
     q = dsub.add_parser(
         "tokenizer",

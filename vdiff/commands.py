@@ -86,10 +86,19 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _ingest_shard(text: str | None) -> tuple[int, int]:
-    """``--shard i/n``, else this process's place under a JAX launcher's environment."""
-    if text is None and "JAX_NUM_PROCESSES" in os.environ:
-        text = f"{os.environ.get('JAX_PROCESS_ID', '0')}/{os.environ['JAX_NUM_PROCESSES']}"
-    return parse_shard(text) if text is not None else (0, 1)
+    """``--shard i/n``; else this process's place as a launcher set it (``JAX_PROCESS_ID`` /
+    ``JAX_NUM_PROCESSES``, or SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS``); else 0/1."""
+    if text is not None:
+        return parse_shard(text)
+    for index, count in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if int(os.environ.get(count, "1")) > 1:
+            if index not in os.environ:
+                raise UserError(
+                    f"{count}={os.environ[count]} but {index} is not set: this host's slice is "
+                    "unknown; pass --shard i/n"
+                )
+            return parse_shard(f"{os.environ[index]}/{os.environ[count]}")
+    return 0, 1
 
 
 def data(args: argparse.Namespace, overrides: list[str]) -> int:

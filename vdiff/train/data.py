@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipelines.ingest import ingest
+from data_pipelines.ingest import MANIFEST, ingest
 from data_pipelines.pipeline import decode_all, open_split
 from data_pipelines.records import decode_record
 from data_pipelines.shapes.synth import synth_splits
@@ -127,6 +127,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
             raise UserError(
                 f"data.root={root} has no train/ folder of ArrayRecord shards; run 'vdiff data ingest SRC {root}/train' first"
             )
+        for split in SPLITS:
+            if (records / split).is_dir() and not (records / split / MANIFEST).is_file():
+                raise UserError(
+                    f"{records / split} has no {MANIFEST}: its ingest has not finished; rerun "
+                    "'vdiff data ingest' for it (every --shard slice) until it writes one"
+                )
     else:
         raise UserError(f"data.name='{config.data.name}' is not known; use 'shapes' or 'records'")
 
