@@ -1,7 +1,7 @@
 """Building blocks shared by the diffusion transformer and the text encoder.
 
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
-``vocab``) through ``nnx.with_partitioning``-style metadata, and activations go
+``vocab``) through :func:`vdiff.parallel.sharding.logical_param`, and activations go
 through :func:`vdiff.parallel.sharding.constrain`, so the same code runs on one CPU
 and on a sharded mesh. Parameters are stored in ``param_dtype`` and cast to the
 compute ``dtype`` at use; norms and softmax run in float32.

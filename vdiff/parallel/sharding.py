@@ -2,7 +2,7 @@
 
 Model code speaks only logical names (``batch``, ``frames``, ``tokens``, ``embed``,
 ``heads``, ``mlp``, ...). Parameters carry them through
-``nnx.with_partitioning(init, ("embed", "mlp"))``; activations go through
+:func:`logical_param` (``logical_param(value, ("embed", "mlp"))``); activations go through
 :func:`constrain`. The mapping to mesh axes (``data``, ``fsdp``, ``tensor``,
 ``context``) comes from the config and is installed with :func:`axis_rules`.
 With no rules installed (or no mesh set) every helper here is a no-op, so models
