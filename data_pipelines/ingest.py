@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data_pipelines import records, video_io
 from vdiff.errors import UserError
-from vdiff.manifest import file_sha256
+from vdiff.manifest import atomic_write_text, file_sha256
 
 # Skip reasons, in addition to video_io's (empty_file, not_a_video, truncated,
 # no_video_stream, decode_error).
@@ -402,12 +402,6 @@ def _own_name(path: Path, suffix: str) -> Path:
     return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}{suffix}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = _own_name(path, ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # every writer of one path writes the same text
-
-
 def ingest(
     src,
     out,
@@ -474,33 +468,31 @@ def ingest(
     opts = _Options(max_resolution=max_resolution, reencode=reencode, gop=gop)
     job = _job_fingerprint(captions_path, prefix, records_per_shard, opts)
     num = -(-len(items) // records_per_shard)
-    chunk_of = [items[j * records_per_shard : (j + 1) * records_per_shard] for j in range(num)]
-    fingerprints = [_chunk_fingerprint(job, chunk) for chunk in chunk_of]
+    spans = [
+        range(j * records_per_shard, min(len(items), (j + 1) * records_per_shard))
+        for j in range(num)
+    ]
+    fingerprints = [_chunk_fingerprint(job, [items[k] for k in span]) for span in spans]
     names = [f"{prefix}-{j:05d}-of-{num:05d}{records.SUFFIX}" for j in range(num)]
     parts_dir = out / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
     _remove_other_jobs(out, prefix, num, job, clear_files=host == 0)
 
+    mine = range(host, num, hosts)
     todo = []
-    for j in range(host, num, hosts):
+    for j in mine:
         part = _read_part(parts_dir / f"{names[j]}.json")
         if part is None or not part.matches(out, fingerprints[j], digest=True):
             todo.append(j)
-    if len(todo) < len(range(host, num, hosts)):
-        log.info(
-            "ingest: %d shards already complete, kept", len(range(host, num, hosts)) - len(todo)
-        )
-    chunks = {
-        j: list(range(j * records_per_shard, min(len(items), (j + 1) * records_per_shard)))
-        for j in todo
-    }
-    jobs = [(items[k], keys[k], opts) for j in todo for k in chunks[j] if not items[k].reason]
+    if len(todo) < len(mine):
+        log.info("ingest: %d shards already complete, kept", len(mine) - len(todo))
+    jobs = [(items[k], keys[k], opts) for j in todo for k in spans[j] if not items[k].reason]
     results = _ordered_map(_process, jobs, workers)
     bar = tqdm(
-        total=sum(len(c) for c in chunks.values()), desc="ingest", unit="clip", disable=not progress
+        total=sum(len(spans[j]) for j in todo), desc="ingest", unit="clip", disable=not progress
     )
     for j in todo:
-        _write_shard(out, names[j], [items[k] for k in chunks[j]], results, fingerprints[j], bar)
+        _write_shard(out, names[j], [items[k] for k in spans[j]], results, fingerprints[j], bar)
     bar.close()
     return _merge_manifest(
         out,
@@ -568,7 +560,7 @@ def _write_shard(
         writer.close()
     partial.replace(final)
     part = _Part(name, written, final.stat().st_size, file_sha256(final), skipped, fingerprint)
-    _atomic_write(
+    atomic_write_text(
         out / PARTS_DIR / f"{name}.json", json.dumps(dataclasses.asdict(part), ensure_ascii=False)
     )
 
@@ -605,5 +597,7 @@ def _merge_manifest(
         fingerprint=job,
         version=FORMAT_VERSION,
     )
-    _atomic_write(out / MANIFEST, manifest.to_json())  # a manifest always describes finished shards
+    atomic_write_text(
+        out / MANIFEST, manifest.to_json()
+    )  # a manifest always describes finished shards
     return manifest

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 
 from data_pipelines.records import SUFFIX, ShardWriter, list_shards
 from vdiff.errors import UserError
-from vdiff.manifest import read_versioned_json
+from vdiff.manifest import atomic_write_text, read_versioned_json
 
 META = "latents.json"
 STATS = "stats.json"
@@ -178,9 +177,7 @@ def write_split(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def write_cache(

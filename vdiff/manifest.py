@@ -1,5 +1,5 @@
 """Reading vdiff's own JSON descriptions (latent caches, export bundles) with one error style,
-and the file digests that manifests record.
+the file digests that manifests record, and the atomic writes that publish them.
 
 Kept free of heavy imports: the serving side of an export bundle reads its manifest
 through here without loading any model code.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``path`` whole or not at all: a temporary file of this host and process, then
+    a rename, so readers never see half a file and concurrent writers never share one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

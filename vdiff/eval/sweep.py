@@ -54,13 +54,13 @@ from vdiff.eval.sweep_grid import (  # noqa: F401  (parse_spec, COLUMNS re-expor
     ResultsStore,
     SweepSpec,
     assign,
-    atomic_write,
     grid_cells,
     parse_spec,
     row,
     row_key,
     sort_key,
 )
+from vdiff.manifest import atomic_write_text
 from vdiff.parallel.mesh import make_mesh
 from vdiff.sampling import Generator, dit_checkpoint_steps, restore_dit, workdir_config, write_clip
 from vdiff.train import stages
@@ -310,7 +310,7 @@ class _Sweep:
             )
             state[json.dumps(list(group))] = len(feats)
         self.store.append_rows(rows)
-        atomic_write(self.store.shards / "fd_state.json", json.dumps(state))
+        atomic_write_text(self.store.shards / "fd_state.json", json.dumps(state))
         return self.store.merge()
 
 
@@ -407,7 +407,7 @@ def run_sweep(
             "seconds": time.time() - t0,
             "notes": plots.NOTES,
         }
-        atomic_write(sweep.out / "sweep.json", json.dumps(info, indent=2))
+        atomic_write_text(sweep.out / "sweep.json", json.dumps(info, indent=2))
         shown = [
             c
             for c in sweep.cells(sweep.evaluated)

@@ -28,6 +28,7 @@ import numpy as np
 
 from vdiff.diffusion.samplers import SAMPLERS
 from vdiff.errors import UserError
+from vdiff.manifest import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +294,12 @@ class ResultsStore:
         """Writes ``results.jsonl`` and ``results.csv`` (one row per key, newest wins)."""
         merged = {row_key(r): r for r in self.read_rows()}
         rows = sorted(merged.values(), key=sort_key)
-        atomic_write(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: ("" if r[k] is None else r[k]) for k in COLUMNS} for r in rows)
-        atomic_write(self.out / "results.csv", buf.getvalue())
+        atomic_write_text(self.out / "results.csv", buf.getvalue())
         return rows
 
 
@@ -307,9 +308,3 @@ def sort_key(r: dict) -> tuple:
         return (0, 0, "") if v is None else (1, v, "") if not isinstance(v, str) else (1, 0, v)
 
     return tuple(k(r[c]) for c in KEY_COLUMNS)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
