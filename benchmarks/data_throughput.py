@@ -1,11 +1,21 @@
-"""Data pipeline throughput: clips/s per grain worker, beside the train step's consumption.
+"""Training-data throughput: clips/s of each training stream beside the train step's use.
 
-Renders shapes clips (tiny 32x32x16 and 256x256 with 16-frame windows), ingests them into
-ArrayRecord shards, and times the grain pipeline (PyAV decode + resize + log-mel +
-tokenize + batch) with 0, 1 and 2 worker processes. Then times the tiny transformer's
-train step and prints how many clips/s it consumes, so the two can be compared.
+For ``tiny`` and ``dit_s`` (shrunk on CPU as ``benchmarks/train_step.py`` shrinks it),
+renders shapes clips at the config's bucket, ingests them into ArrayRecord shards, and
+times, with 0, 1 and 2 grain worker processes:
 
-    python benchmarks/data_throughput.py [--clips 128] [--batches 6] [--out benchmarks/results]
+- ``mp4 stream``: ``data.decode="stream"``, PyAV decode + resize + log-mel + tokenize at
+  every step (what the autoencoders and ``clips`` mode read without a frames cache);
+- ``frames cache``: ``data.decode="cache"``, the decoded-frames shards streamed (what the
+  main job's autoencoders and ``clips`` mode read);
+- ``latents``: latent shards of the config's latent shape streamed and normalised (what
+  the transformer reads in ``latents`` mode);
+
+then the transformer's train step on cached latents, as clips/s consumed, and prints
+each stream's rate as a multiple of it. Each stream is the one the stages build
+(:meth:`vdiff.train.data.Data.stream`, :func:`vdiff.train.stages.dit_latent_stream`).
+
+    python benchmarks/data_throughput.py [--clips 96] [--batches 6] [--out benchmarks/results]
 
 Prints a table and writes ``data_throughput.json`` (with the machine's description).
 """
@@ -14,158 +24,134 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def _machine() -> dict:
-    import jax
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
+from train_step import CPU_SHRINK, bench, machine
 
 
-def _dataset(root: Path, resolution: int, frames: int, clips: int) -> Path:
-    from data_pipelines.ingest import ingest
-    from data_pipelines.shapes.synth import synth_dataset
+def _config(name: str, shrink: bool, clips: int, workers: int, decode: str):
+    from vdiff.config import load_config
 
-    synth_dataset(
-        root / "raw",
-        clips,
-        seed=0,
-        resolution=resolution,
-        frames=frames,
-        split="train",
-        workers=2,
-        progress=False,
-    )
-    ingest(root / "raw", root / "records", split="train", workers=2, progress=False)
-    return root / "records"
+    overrides = dict(CPU_SHRINK.get(name, {})) if shrink else {}
+    cfg = load_config(name, [f"{k}={v}" for k, v in overrides.items()])
+    d = cfg.data
+    d.buckets = ((d.resolution, d.resolution, d.frames),)
+    d.num_train, d.num_val, d.num_workers, d.decode = clips, 16, workers, decode
+    return cfg, overrides
 
 
-def _time_pipeline(
-    config, records: Path, tokenizer, workers: int, batches: int, batch_size: int
-) -> float:
-    from data_pipelines.pipeline import make_pipeline
+def _data(cfg, root: Path):
+    from vdiff.train.data import prepare_data
 
-    it = make_pipeline(
-        config,
-        records,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        process_index=0,
-        process_count=1,
-        seed=0,
-        worker_count=workers,
-    )
+    cfg.data.root = str(root)
+    return prepare_data(cfg, root)
+
+
+def _rate(stream, batches: int, per_batch: int) -> float:
     try:
-        next(it)  # start-up (worker spawn, first decode) is not throughput
+        next(stream)  # start-up (worker spawn, first reads) is not throughput
         t = time.perf_counter()
         for _ in range(batches):
-            next(it)
-        return batches * batch_size / (time.perf_counter() - t)
+            next(stream)
+        return batches * per_batch / (time.perf_counter() - t)
     finally:
-        it.close()
+        stream.close()
 
 
-def _train_step_rate(config) -> float:
-    import jax
+def _latent_cache(cfg, data, out: Path):
+    """Random latents of the config's shape for every train clip, written as the latent
+    cache stage writes them (the stream's cost does not depend on the values)."""
     import numpy as np
+    from train_step import shapes
 
-    from vdiff.parallel.mesh import make_mesh
-    from vdiff.train import stages
+    from data_pipelines import latents as lc
+    from vdiff.train.trained import LatentCache
 
-    mesh = make_mesh(config)
-    engine = stages.dit_engine(config, mesh)
-    b = config.train.batch_size
-    lt = 1 + (config.data.frames - 1 + config.vae.temporal_down - 1) // config.vae.temporal_down
-    s = config.data.resolution // config.vae.spatial_down
-    ta = round(config.data.frames / config.data.fps * 25)
+    shp = shapes(cfg)
     rng = np.random.default_rng(0)
-    batch = {
-        "video_latents": rng.standard_normal((b, lt, s, s, config.vae.latent_channels), np.float32),
-        "audio_latents": rng.standard_normal((b, ta, config.audio_ae.latent_channels), np.float32),
-        "tokens": rng.integers(4, 300, (b, config.data.caption_len)).astype(np.int32),
-        "mask": np.ones((b, config.data.caption_len), bool),
-        "has_audio": np.ones((b,), bool),
-    }
-    state = engine.init(0)
-    state, m = engine.step(state, batch)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    n = 5
-    for _ in range(n):
-        state, m = engine.step(state, batch)
-    jax.block_until_ready(m)
-    return n * b / (time.perf_counter() - t)
+    lc.clear_cache(out)
+    writer = lc.PartWriter(out, "train")
+    src = data.source("train")
+    for i in range(len(src)):
+        rec = src.read([i])
+        writer.write(
+            {
+                "key": rec["key"][0], "index": i,
+                "video": rng.standard_normal(shp["video_latents"]).astype(np.float32),
+                "audio": rng.standard_normal(shp["audio_latents"]).astype(np.float32)
+                if shp["audio_latents"] else None,
+                "has_audio": True, "tokens": rec["tokens"][0], "mask": rec["mask"][0],
+                "caption": rec["caption"][0],
+            }
+        )  # fmt: skip
+    writer.close()
+    entry, _ = lc.merge_parts(out, "train", 1)
+    ones = {"shift": np.zeros(1, np.float32), "scale": np.ones(1, np.float32)}
+    stats = {"video": ones, **({"audio": ones} if shp["audio_latents"] else {})}
+    meta = lc.write_meta(out, {"benchmark": True}, {"train": entry}, stats)
+    return LatentCache(out, lc.load_stats(out), meta)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=128)
+    parser.add_argument("--configs", nargs="+", default=["tiny", "dit_s"])
+    parser.add_argument("--clips", type=int, default=96)
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--cpu-shrink", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    from data_pipelines.tokenizer import Tokenizer, train_tokenizer
-    from vdiff.config import load_config
+    from vdiff.train import stages
 
-    rows = []
+    rows, steps = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for name, res, frames, clips in (
-            ("tiny 32x32x16", 32, 16, args.clips),
-            ("256x256x16", 256, 16, max(32, args.clips // 4)),
-        ):
-            config = load_config(
-                "tiny",
-                [
-                    f"data.resolution={res}",
-                    f"data.buckets=(({res},{res},{frames}),)",
-                    f"data.frames={frames}",
-                ],
-            )
-            records = _dataset(tmp / name.split()[0], res, frames, clips)
-            tok = Tokenizer(
-                train_tokenizer(
-                    ["a red circle moves left on a blue background"] * 50 + ["a green square"] * 50,
-                    str(tmp / "tok"),
-                    vocab_size=300,
-                )
-            )
-            for workers in (0, 1, 2):
-                rate = _time_pipeline(config, records, tok, workers, args.batches, args.batch_size)
-                rows.append(
-                    {
-                        "clips": name,
-                        "workers": workers,
-                        "clips_per_s": rate,
-                        "clips_per_s_per_worker": rate / max(workers, 1),
-                    }
-                )
-                print(
-                    f"{name:>14}  workers={workers}  {rate:7.1f} clips/s  ({rate / max(workers, 1):.1f} per worker)",
-                    flush=True,
-                )
-    config = load_config("tiny")
-    consume = _train_step_rate(config)
-    print(
-        f"tiny transformer train step consumes {consume:.1f} clips/s (batch {config.train.batch_size}, cached latents)"
-    )
+        for name in args.configs:
+            root = Path(tmp) / name
+            cfg, overrides = _config(name, args.cpu_shrink, args.clips, 0, "cache")
+            data = _data(cfg, root)  # renders, ingests, decodes the frames cache once
+            step = bench(name, overrides, steps=3, warmup=1, peak_n=256)
+            consume = step["batch_size"] / step["step_s_median"]
+            steps[name] = {
+                "clips_per_s": consume,
+                **{k: step[k] for k in ("batch_size", "step_s_median", "shapes")},
+            }
+            print(f"{name}: the transformer's train step consumes {consume:.1f} clips/s "
+                  f"(batch {step['batch_size']}, {step['step_s_median']:.2f} s/step)", flush=True)  # fmt: skip
+            latents = _latent_cache(cfg, data, root / "latents")
+            b = cfg.train.batch_size
+            for workers in (int(w) for w in args.workers.split(",")):
+                for stream_name, decode in (("mp4 stream", "stream"), ("frames cache", "cache")):
+                    c, _ = _config(name, args.cpu_shrink, args.clips, workers, decode)
+                    d = _data(c, root)
+                    fields = stages.dit_clip_fields(c, {"audio": None})
+                    rate = _rate(d.stream("train", fields, batch_size=b, seed=0), args.batches, b)
+                    rows.append((name, stream_name, workers, rate))
+                c, _ = _config(name, args.cpu_shrink, args.clips, workers, "cache")
+                stream = stages.dit_latent_stream(c, latents)(b, 0)
+                rows.append((name, "latents", workers, _rate(stream, args.batches, b)))
+                for r in rows[-3:]:
+                    print(f"{r[0]:>6} {r[1]:>13}  workers={r[2]}  {r[3]:8.1f} clips/s  "
+                          f"x{r[3] / consume:.1f} the step's use", flush=True)  # fmt: skip
     result = {
-        "machine": _machine(),
-        "pipeline": rows,
-        "train_step_clips_per_s": consume,
-        "batch_size": args.batch_size,
+        "machine": machine(),
+        "clips": args.clips,
+        "train_step": steps,
+        "streams": [
+            {
+                "config": c,
+                "stream": s,
+                "workers": w,
+                "clips_per_s": r,
+                "x_step": r / steps[c]["clips_per_s"],
+            }
+            for c, s, w, r in rows
+        ],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Peak memory of the training stages against the dataset's size.
 
-Trains the tiny recipe's video VAE stage and its transformer stage (``latents`` and
+Trains the tiny recipe's video VAE stage (reading the decoded-frames cache, and reading
+the mp4 records with ``data.decode=stream``) and its transformer stage (``latents`` and
 ``clips`` modes) for the same few steps on shapes datasets of each size, each stage in a
 fresh ``vdiff train`` process, and prints every process's peak RSS. A data path whose
 memory is bounded by the batch gives the same peak at every size; one that holds the
@@ -8,8 +9,8 @@ dataset grows with it.
 
     python benchmarks/memory.py [--sizes 512,16384] [--steps 20] [--root DIR] [--out benchmarks/results]
 
-Each size's data (shapes render, ArrayRecord shards, tokenizer) is made once under
-``ROOT/data_N`` by an unmeasured VAE run; the measured runs then reuse it. The transformer
+Each size's data (shapes render, ArrayRecord shards, tokenizer, frames cache) is made
+once under ``ROOT/data_N`` by an unmeasured VAE run; the measured runs then reuse it. The transformer
 runs start from a copy of that VAE run's workdir, so they train no VAE step (they restore
 it, build the latent cache in ``latents`` mode, and train the transformer). Writes
 ``memory.json`` with the machine's description.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 STAGES = {  # name -> (train.stages, extra overrides)
     "vae": ("('vae',)", []),
+    "vae_mp4_stream": ("('vae',)", ["--config.data.decode=stream"]),
     "dit_latents": ("('vae', 'dit')", ["--config.data.dit_input=latents"]),
     "dit_clips": ("('vae', 'dit')", ["--config.data.dit_input=clips"]),
 }
@@ -73,7 +75,7 @@ def main() -> None:
         print(f"{size} clips: data and VAE ready in {time.time() - t0:.0f} s", flush=True)
         for name, (stages, extra) in STAGES.items():
             workdir = root / f"{name}_{size}"
-            if name != "vae":
+            if name.startswith("dit"):
                 shutil.copytree(base, workdir)
             row = {
                 "clips": size,

@@ -29,12 +29,12 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
-from data_pipelines.records import SUFFIX, ShardWriter, list_shards
+from data_pipelines.records import SUFFIX, ShardWriter
 from vdiff.errors import UserError
 from vdiff.manifest import atomic_write_text, read_versioned_json
 
@@ -126,6 +126,249 @@ def decode_latent_record(data: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
+class CacheKind(NamedTuple):
+    """Which cache a folder holds: its description file and format name."""
+
+    meta: str
+    format: str
+    fix: str
+
+
+LATENTS = CacheKind(META, FORMAT, _FIX)
+FRAMES = CacheKind(
+    "frames.json",
+    "vdiff.frames",
+    "remove {dir} and rerun 'vdiff train' (it decodes the clips again)",
+)
+
+
+class Moments:
+    """Per-channel count, sum and sum of squares (float64) of arrays ``(..., C)``, added
+    record by record and merged across processes: mean and std without holding the data."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = np.zeros(channels, np.float64)
+        self.sumsq = np.zeros(channels, np.float64)
+
+    def add(self, x: np.ndarray) -> None:
+        flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        self.count += flat.shape[0]
+        self.sum += flat.sum(0)
+        self.sumsq += np.square(flat).sum(0)
+
+    def merge(self, other: Moments) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Moments:
+        m = cls(len(d["sum"]))
+        m.count, m.sum, m.sumsq = int(d["count"]), np.asarray(d["sum"]), np.asarray(d["sumsq"])
+        return m
+
+    def mean_std(self, *, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel (or over every channel with ``pooled``), population std."""
+        n, s, q = self.count, self.sum, self.sumsq
+        if pooled:
+            n, s, q = n * len(s), s.sum(keepdims=True), q.sum(keepdims=True)
+        if n < 2:
+            raise ValueError("statistics need at least 2 values per channel")
+        mean = s / n
+        return mean, np.sqrt(np.maximum(q / n - mean**2, 0.0))
+
+    def latent_stats(self) -> dict[str, np.ndarray]:
+        """``{"shift": mean, "scale": 1 / (std + 1e-6)}`` float32, as
+        :func:`vdiff.models.video_vae.compute_latent_stats` gives for the same data."""
+        mean, std = self.mean_std()
+        return {"shift": mean.astype(np.float32), "scale": (1.0 / (std + 1e-6)).astype(np.float32)}
+
+
+def part_name(split: str, part: int, num_parts: int) -> str:
+    return f"{split}.p{part:05d}-of-{num_parts:05d}"
+
+
+class PartWriter:
+    """One process's part of one split: records in, shards and a part description out.
+
+    Process ``part`` of ``num_parts`` writes ``<split>.pPPPPP-NNNNN-of-MMMMM.array_record``
+    shards and, on :meth:`close`, ``<split>.pPPPPP-of-QQQQQ.json`` (count, shapes,
+    dtypes, shard sizes, the moments of the fields named in ``moments``), atomically:
+    the part file says the part is complete. :func:`merge_parts` turns the parts into
+    the cache description. Parts hold consecutive runs of the split's records, so the
+    merged cache lists the records in the same order whatever the process count.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        part: int = 0,
+        num_parts: int = 1,
+        *,
+        moments: Sequence[str] = (),
+        records_per_shard: int | None = None,
+        keep_records: bool = True,
+    ):
+        self.out_dir, self.split = Path(out_dir), split
+        self.keep_records = keep_records  # False: moments only (statistics-only caches)
+        self.name = part_name(split, part, num_parts)
+        self._moments_fields = tuple(moments)
+        self.moments: dict[str, Moments] = {}
+        self._per_shard = records_per_shard
+        self._writer: ShardWriter | None = None
+        self.count = 0
+        self.shapes: dict[str, list[int]] = {}
+        self.dtypes: dict[str, str] = {}
+        (self.out_dir / f"{self.name}.json").unlink(missing_ok=True)
+
+    def write(self, rec: Mapping[str, Any]) -> None:
+        """Appends one record (fields as :func:`encode_latent_record` takes them)."""
+        for f in self._moments_fields:
+            x = rec.get(f)
+            if x is not None:
+                self.moments.setdefault(f, Moments(np.shape(x)[-1])).add(np.asarray(x))
+        if not self.keep_records:
+            self.count += 1  # clips seen: the moments' count of clips
+            return
+        data = encode_latent_record(rec)
+        if self._writer is None:
+            per_shard = self._per_shard or max(1, SHARD_BYTES // len(data))
+            self._writer = ShardWriter(self.out_dir, self.name, per_shard, overwrite=True)
+            for f in ARRAY_FIELDS:
+                if rec.get(f) is not None:
+                    x = np.asarray(rec[f])
+                    self.shapes[f] = list(x.shape)
+                    self.dtypes[f] = x.dtype.newbyteorder("<").str
+        self._writer.write(data)
+        self.count += 1
+
+    def close(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Names the shards and writes the part description (plus ``extra``); returns it."""
+        paths, sizes = [], []
+        if self._writer is not None:
+            paths, sizes = self._writer.close(), self._writer.shard_sizes
+        part = {
+            "count": self.count,
+            "shapes": self.shapes,
+            "dtypes": self.dtypes,
+            "shards": [
+                {"file": p.name, "records": k, "bytes": p.stat().st_size}
+                for p, k in zip(paths, sizes, strict=True)
+            ],
+            "moments": {f: m.to_json() for f, m in self.moments.items()},
+            **dict(extra or {}),
+        }
+        _write_json(self.out_dir / f"{self.name}.json", part)
+        return part
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+def merge_parts(
+    out_dir: Path, split: str, num_parts: int
+) -> tuple[dict[str, Any], dict[str, Moments]]:
+    """Every part of ``split`` -> its cache description entry and merged moments.
+
+    Raises:
+        UserError: If a part is missing (its process did not finish) or the parts
+            disagree on shapes.
+    """
+    out_dir = Path(out_dir)
+    entry: dict[str, Any] = {
+        "count": 0,
+        "shapes": {},
+        "dtypes": {},
+        "shards": [],
+        "parts": num_parts,
+    }
+    moments: dict[str, Moments] = {}
+    for p in range(num_parts):
+        path = out_dir / f"{part_name(split, p, num_parts)}.json"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: process {p} did not finish its part of '{split}'")
+        part = json.loads(path.read_text())
+        for key in ("shapes", "dtypes"):
+            for f, v in part[key].items():
+                if entry[key].setdefault(f, v) != v:
+                    raise UserError(
+                        f"'{split}' parts disagree on {f}: {entry[key][f]} and {v} ({path})"
+                    )
+        entry["count"] += part["count"]
+        entry["shards"] += part["shards"]
+        for f, m in part["moments"].items():
+            moments.setdefault(f, Moments(len(m["sum"]))).merge(Moments.from_json(m))
+    if entry["count"] == 0:
+        raise UserError(f"split '{split}' has no clips to cache")
+    return entry, moments
+
+
+def clear_cache(out_dir: Path, kind: CacheKind = LATENTS) -> None:
+    """Removes a cache's description first, then its shards, parts and statistics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / kind.meta).unlink(missing_ok=True)
+    # Shards, part files, and the .npy files of the format before shards.
+    for old in [*out_dir.glob(f"*{SUFFIX}*"), *out_dir.glob("*.p*-of-*.json"),
+                *out_dir.glob("*.npy"), out_dir / STATS]:  # fmt: skip
+        old.unlink(missing_ok=True)
+
+
+def write_meta(
+    out_dir: Path,
+    tag: Mapping[str, Any],
+    splits: Mapping[str, Mapping[str, Any]],
+    stats: Mapping[str, Mapping[str, np.ndarray]],
+    kind: CacheKind = LATENTS,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes ``stats.json`` then the description (last: its presence means complete)."""
+    save_stats(out_dir, stats)
+    meta = {
+        "format": kind.format,
+        "version": VERSION,
+        "tag": dict(tag),
+        "modalities": sorted(stats),
+        "stats": STATS,
+        "splits": dict(splits),
+        **dict(extra or {}),
+    }
+    _write_json(Path(out_dir) / kind.meta, meta)
+    return meta
+
+
+def write_cache(
+    out_dir: Path,
+    tag: Mapping[str, Any],
+    splits: Mapping[str, Mapping[str, Any]],
+    stats: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    records_per_shard: int | None = None,
+) -> dict[str, Any]:
+    """Writes a whole latent cache from arrays in one process (tests, small tools).
+
+    ``splits[name]`` holds ``key``, ``index``, ``video``, optional ``audio``,
+    ``has_audio``, ``tokens``, ``mask``, ``caption``, clips on the leading axis. Any
+    earlier cache in ``out_dir`` is removed first (its description before anything
+    else), so a crash midway leaves a folder that is rebuilt, never reused.
+    """
+    clear_cache(out_dir)
+    entries = {}
+    for split, arrays in splits.items():
+        writer = PartWriter(out_dir, split, records_per_shard=records_per_shard)
+        for i in range(len(arrays["video"])):
+            writer.write(_rows(arrays, i))
+        writer.close()
+        entries[split], _ = merge_parts(out_dir, split, 1)
+    return write_meta(out_dir, tag, entries, stats)
+
+
 def _rows(arrays: Mapping[str, Any], i: int) -> dict[str, Any]:
     audio = arrays.get("audio")
     return {
@@ -140,84 +383,8 @@ def _rows(arrays: Mapping[str, Any], i: int) -> dict[str, Any]:
     }
 
 
-def write_split(
-    out_dir: Path, split: str, arrays: Mapping[str, Any], records_per_shard: int | None = None
-) -> dict[str, Any]:
-    """Writes one split's latents as ``<split>-NNNNN-of-MMMMM.array_record`` shards.
-
-    Args:
-        out_dir: The cache folder.
-        split: Split name (the shard prefix).
-        arrays: ``key``, ``index``, ``video``, optional ``audio``, ``has_audio``,
-            ``tokens``, ``mask``, ``caption``, each with the clips on the leading axis.
-        records_per_shard: Clips per shard; default fills about :data:`SHARD_BYTES`.
-
-    Returns:
-        The split's entry for ``latents.json``: count, shapes, dtypes, shards.
-    """
-    n = len(arrays["video"])
-    if n == 0:
-        raise ValueError(f"split '{split}' has no clips to cache")
-    first = encode_latent_record(_rows(arrays, 0))
-    per_shard = records_per_shard or max(1, SHARD_BYTES // len(first))
-    with ShardWriter(out_dir, split, per_shard, overwrite=True) as writer:
-        writer.write(first)
-        for i in range(1, n):
-            writer.write(encode_latent_record(_rows(arrays, i)))
-    fields = [f for f in ARRAY_FIELDS if arrays.get(f) is not None]
-    return {
-        "count": n,
-        "shapes": {f: list(np.shape(arrays[f])[1:]) for f in fields},
-        "dtypes": {f: np.asarray(arrays[f][:1]).dtype.newbyteorder("<").str for f in fields},
-        "shards": [
-            {"file": p.name, "records": k, "bytes": p.stat().st_size}
-            for p, k in zip(writer.paths, writer.shard_sizes, strict=True)
-        ],
-    }
-
-
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
-
-
-def write_cache(
-    out_dir: Path,
-    tag: Mapping[str, Any],
-    splits: Mapping[str, Mapping[str, Any]],
-    stats: Mapping[str, Mapping[str, np.ndarray]],
-    *,
-    records_per_shard: int | None = None,
-) -> dict[str, Any]:
-    """Writes a whole cache: shards of every split, ``stats.json``, then ``latents.json``.
-
-    Any earlier cache in ``out_dir`` is removed first (its ``latents.json`` before
-    anything else), so a crash midway leaves a folder that is rebuilt, never reused.
-    ``splits`` may be empty: a statistics-only cache (``data.dit_input="clips"``).
-
-    Returns:
-        The written ``latents.json`` content.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META).unlink(missing_ok=True)
-    # Shards of any earlier cache, and the .npy files of the format before shards.
-    for old in [*out_dir.glob(f"*{SUFFIX}*"), *out_dir.glob("*.npy"), out_dir / STATS]:
-        old.unlink(missing_ok=True)
-    meta_splits = {
-        split: write_split(out_dir, split, arrays, records_per_shard)
-        for split, arrays in splits.items()
-    }
-    save_stats(out_dir, stats)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "tag": dict(tag),
-        "modalities": sorted(stats),
-        "stats": STATS,
-        "splits": meta_splits,
-    }
-    _write_json(out_dir / META, meta)
-    return meta
 
 
 # --------------------------------------------------------------------------- stats
@@ -256,81 +423,81 @@ def load_stats(cache_dir: Path) -> dict[str, dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------- reading
 
 
-def read_meta(cache_dir: Path) -> dict[str, Any] | None:
-    """``latents.json`` of a cache folder, or None if there is none (nothing cached yet).
+def read_meta(cache_dir: Path, kind: CacheKind = LATENTS) -> dict[str, Any] | None:
+    """A cache folder's description, or None if there is none (nothing cached yet).
 
     Raises:
-        UserError: If the file exists but is not a vdiff latent cache description.
+        UserError: If the file exists but is not a vdiff cache description of ``kind``.
     """
-    path = Path(cache_dir) / META
+    path = Path(cache_dir) / kind.meta
     if not path.exists():
         return None
     return read_versioned_json(
         path,
-        fmt=FORMAT,
+        fmt=kind.format,
         version_key="version",
         version=VERSION,
-        what="vdiff latent cache",
-        fix=_FIX.format(dir=cache_dir),
+        what=f"vdiff {kind.format.removeprefix('vdiff.')} cache",
+        fix=kind.fix.format(dir=cache_dir),
     )
 
 
-def check_split(cache_dir: Path, split: str, meta: Mapping[str, Any] | None = None) -> list[str]:
+def check_split(
+    cache_dir: Path, split: str, meta: Mapping[str, Any] | None = None, kind: CacheKind = LATENTS
+) -> list[str]:
     """The split's shard paths, after checking each exists with its recorded size.
 
     Raises:
         UserError: If the cache, the split or a shard is missing or has the wrong size.
     """
     cache_dir = Path(cache_dir)
-    meta = read_meta(cache_dir) if meta is None else meta
-    fix = _FIX.format(dir=cache_dir)
+    meta = read_meta(cache_dir, kind) if meta is None else meta
+    fix = kind.fix.format(dir=cache_dir)
     if meta is None:
-        raise UserError(f"no latent cache in {cache_dir} ({META} missing); {fix}")
+        raise UserError(f"no cache in {cache_dir} ({kind.meta} missing); {fix}")
     if split not in meta["splits"]:
         raise UserError(
-            f"the latent cache in {cache_dir} has no split '{split}' "
+            f"the cache in {cache_dir} has no split '{split}' "
             f"(has {sorted(meta['splits']) or 'statistics only'}); {fix}"
         )
     paths = []
     for shard in meta["splits"][split]["shards"]:
         path = cache_dir / shard["file"]
         if not path.is_file():
-            raise UserError(f"latent shard {path} is missing; {fix}")
+            raise UserError(f"cache shard {path} is missing; {fix}")
         size = path.stat().st_size
         if size != shard["bytes"]:
             raise UserError(
-                f"latent shard {path} has {size} bytes, the cache wrote {shard['bytes']} "
+                f"cache shard {path} has {size} bytes, the cache wrote {shard['bytes']} "
                 f"(truncated or replaced); {fix}"
             )
         paths.append(str(path))
-    try:
-        found = list_shards(cache_dir, split)
-    except ValueError:
-        found = []
-    if sorted(found) != sorted(paths):
-        raise UserError(f"latent shards of '{split}' in {cache_dir} differ from {META}; {fix}")
+    found = sorted(str(p) for p in cache_dir.glob(f"{split}.p*-of-*{SUFFIX}"))
+    if found != sorted(paths):
+        raise UserError(f"shards of '{split}' in {cache_dir} differ from {kind.meta}; {fix}")
     return paths
 
 
 class LatentSource:
-    """Random access to one split's latent records (decoded dicts), grain-style.
+    """Random access to one split's cache records (decoded dicts), grain-style.
 
     Args:
-        cache_dir: The cache folder (holding ``latents.json``).
+        cache_dir: The cache folder (holding its description file).
         split: Split name.
+        kind: :data:`LATENTS` or :data:`FRAMES`.
 
     Raises:
-        UserError: If the cache or a shard is missing, damaged or does not match
-            ``latents.json`` (on open or on a read).
+        UserError: If the cache or a shard is missing, damaged or does not match the
+            description (on open or on a read).
     """
 
-    def __init__(self, cache_dir: Path, split: str):
+    def __init__(self, cache_dir: Path, split: str, kind: CacheKind = LATENTS):
         import grain  # pulls in jax; imported only where shards are read
 
         self.cache_dir = Path(cache_dir)
-        self.split = split
-        self.meta = read_meta(self.cache_dir)
-        self.paths = check_split(self.cache_dir, split, self.meta)
+        self.split, self.kind = split, kind
+        self.meta = read_meta(self.cache_dir, kind)
+        self.paths = check_split(self.cache_dir, split, self.meta, kind)
         self.info = self.meta["splits"][split]
         try:
             self._raw = grain.sources.ArrayRecordDataSource(self.paths)
@@ -339,15 +506,15 @@ class LatentSource:
             raise self._damaged(e) from e
         if n != self.info["count"]:
             raise UserError(
-                f"latent shards of '{split}' in {self.cache_dir} hold {n} records, "
-                f"{META} says {self.info['count']}; {_FIX.format(dir=self.cache_dir)}"
+                f"shards of '{split}' in {self.cache_dir} hold {n} records, {kind.meta} says "
+                f"{self.info['count']}; {kind.fix.format(dir=self.cache_dir)}"
             )
 
     def _damaged(self, e: Exception) -> UserError:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return UserError(
-            f"latent shards of '{self.split}' in {self.cache_dir} are damaged ({reason}); "
-            f"{_FIX.format(dir=self.cache_dir)}"
+            f"shards of '{self.split}' in {self.cache_dir} are damaged ({reason}); "
+            f"{self.kind.fix.format(dir=self.cache_dir)}"
         )
 
     def __len__(self) -> int:
@@ -359,57 +526,119 @@ class LatentSource:
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         for i in indices:
             if not 0 <= i < len(self):
-                raise IndexError(f"latent record {i} out of range [0, {len(self)})")
+                raise IndexError(f"cache record {i} out of range [0, {len(self)})")
         try:
-            return [decode_latent_record(b) for b in self._raw.__getitems__(list(indices))]
+            recs = [decode_latent_record(b) for b in self._raw.__getitems__(list(indices))]
         except (RuntimeError, LatentRecordError) as e:
             raise self._damaged(e) from e
+        for i, rec in zip(indices, recs, strict=True):
+            for f, shape in self.info["shapes"].items():
+                x = rec[f]
+                if x is None or list(x.shape) != shape or x.dtype.str != self.info["dtypes"][f]:
+                    got = None if x is None else f"{x.dtype} {x.shape}"
+                    raise UserError(
+                        f"record {i} of '{self.split}' in {self.cache_dir}: {f} is {got}, "
+                        f"{self.kind.meta} says {self.info['dtypes'][f]} {shape}; "
+                        f"{self.kind.fix.format(dir=self.cache_dir)}"
+                    )
+        return recs
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Records ``indices`` stacked into arrays (``key`` and ``caption`` as lists)."""
+        recs = self.__getitems__(list(indices))
+        out: dict[str, Any] = {f: np.stack([r[f] for r in recs]) for f in self.info["shapes"]}
+        out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
+        out["index"] = np.asarray([r["index"] for r in recs], np.int64)
+        out["key"] = [r["key"] for r in recs]
+        out["caption"] = [r["caption"] for r in recs]
+        return out
 
     def __repr__(self) -> str:
         return f"LatentSource({self.split!r}, {len(self.paths)} shards, {len(self)} records)"
 
 
-def load_split(cache_dir: Path, split: str, *, chunk: int = 1024) -> dict[str, np.ndarray]:
-    """Reads a whole split into arrays (the in-memory training path).
+# --------------------------------------------------------------------------- streaming
 
-    Returns:
-        ``video`` (N, ...) and, with an audio encoder, ``audio`` (N, ...) raw latents in
-        their stored dtype; ``has_audio`` bool (N,); ``tokens`` / ``mask`` (N, L);
-        ``index`` int64 (N,); ``key`` and ``caption`` unicode arrays (N,). Rows are in
-        the order the clips were written.
 
-    Raises:
-        UserError: As :class:`LatentSource`, or if a record's array disagrees with the
-            shapes and dtypes in ``latents.json``.
+class RecordFields:
+    """A cache record -> one training example (picklable, for grain workers).
+
+    Args:
+        fields: ``{example key: record field}``; record fields that are None (no audio
+            encoder) are left out.
+        norms: ``{example key: {"shift", "scale"}}``: that value becomes
+            ``((x - shift) * scale)`` in float32.
     """
-    src = LatentSource(cache_dir, split)
-    n = len(src)
-    info = src.info
-    out = {}
-    for f, shape in info["shapes"].items():
-        dtype = np.dtype(info["dtypes"][f])
-        if dtype.kind not in _DTYPE_KINDS:
-            raise UserError(f"{META} in {src.cache_dir} lists dtype {dtype} for {f}")
-        out[f] = np.empty((n, *shape), dtype)
-    out["has_audio"] = np.empty((n,), bool)
-    out["index"] = np.empty((n,), np.int64)
-    keys, captions = [], []
-    for start in range(0, n, chunk):
-        for i, rec in enumerate(src.__getitems__(range(start, min(n, start + chunk))), start):
-            for f in info["shapes"]:
-                x = rec[f]
-                if x is None or x.shape != out[f].shape[1:] or x.dtype != out[f].dtype:
-                    got = None if x is None else f"{x.dtype} {x.shape}"
-                    raise UserError(
-                        f"latent record {i} of '{split}' in {src.cache_dir}: {f} is {got}, "
-                        f"{META} says {out[f].dtype} {out[f].shape[1:]}; "
-                        f"{_FIX.format(dir=src.cache_dir)}"
-                    )
-                out[f][i] = x
-            out["has_audio"][i] = rec["has_audio"]
-            out["index"][i] = rec["index"]
-            keys.append(rec["key"])
-            captions.append(rec["caption"])
-    out["key"] = np.asarray(keys, dtype=str)
-    out["caption"] = np.asarray(captions, dtype=str)
-    return out
+
+    def __init__(self, fields: Mapping[str, str], norms: Mapping[str, Mapping] | None = None):
+        self.fields = dict(fields)
+        self.norms = {
+            k: (np.asarray(v["shift"], np.float32), np.asarray(v["scale"], np.float32))
+            for k, v in (norms or {}).items()
+        }
+
+    def __call__(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, field in self.fields.items():
+            x = rec[field]
+            if x is None:
+                continue
+            x = np.asarray(x)
+            if key in self.norms:
+                shift, scale = self.norms[key]
+                x = (x.astype(np.float32) - shift) * scale
+            out[key] = x
+        return out
+
+
+class _CacheLoad:
+    """``load(position, index)`` for :class:`~data_pipelines.stream.BatchStream`; opens
+    the shards lazily, so each grain worker process has its own readers."""
+
+    def __init__(self, cache_dir: Path, split: str, kind: CacheKind, transform):
+        self.args = (cache_dir, split, kind)
+        self.transform = transform
+        self._source = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def __call__(self, position: int, index: int) -> dict[str, Any]:
+        if self._source is None:
+            self._source = LatentSource(*self.args)
+        return self.transform(self._source[index])
+
+
+def cache_stream(
+    cache_dir: Path,
+    split: str,
+    transform,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    kind: CacheKind = LATENTS,
+    worker_count: int = 0,
+    prefetch: int = 2,
+):
+    """This process's batches of one cached split, as a checkpointable stream.
+
+    Args:
+        transform: record -> example dict (e.g. :class:`RecordFields`).
+        Others: see :class:`~data_pipelines.stream.BatchStream`.
+    """
+    from data_pipelines.stream import BatchStream  # grain, jax: only where shards are read
+
+    source = LatentSource(cache_dir, split, kind)
+    return BatchStream(
+        len(source),
+        _CacheLoad(Path(cache_dir), split, kind, transform),
+        batch_size=batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
+        prefetch=prefetch,
+        fingerprint={"cache": kind.format, "split": split, "tag": source.meta["tag"]},
+    )

@@ -1,10 +1,13 @@
 """A small training run for the multi-process and resume tests (run as a script).
 
-Trains a two-layer MLP through :func:`vdiff.train.loop.run_stage` on an
-:class:`~vdiff.train.batch_source.ArraySource`, exactly as a ``vdiff train`` stage does, in
-every process started by ``launch/local.py`` (or alone). It records what it trains on
-and what it ends with, for the tests to compare:
+Trains a two-layer MLP through :func:`vdiff.train.loop.run_stage` on a stream of
+ArrayRecord shards (:func:`data_pipelines.latents.cache_stream`), exactly as a ``vdiff
+train`` stage does, in every process started by ``launch/local.py`` (or alone). The
+shards are written first by every process for its own run of rows, and merged by
+process 0, as the latent cache is. It records what it trains on and what it ends with,
+for the tests to compare:
 
+- ``WORKDIR/data``: the dataset's shards and ``latents.json``;
 - ``WORKDIR/seen.pN.jsonl``: one line per step drawn by process N: the global step,
   the dataset rows of its batch and a hash of the batch bytes;
 - ``WORKDIR/final.npz`` (process 0): every array of the final train state, gathered;
@@ -25,8 +28,6 @@ from pathlib import Path
 
 # The tests run this file by path; make the checkout importable like `pip install -e`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-STAGE = "mlp"
 
 
 def make_mlp(rngs):
@@ -79,22 +80,51 @@ def build_config(mesh_spec: dict[str, int], *, keep: int = 2, keep_every: int = 
     return cfg
 
 
+def dit_config(cfg):
+    """A transformer small enough for a test on 16x16x8 clips' latents, without audio."""
+    m, d = cfg.model, cfg.data
+    m.width, m.depth, m.heads, m.text_width, m.text_depth, m.text_heads = 32, 1, 2, 32, 1, 2
+    d.audio, d.resolution, d.frames, d.buckets = False, 16, 8, ((16, 16, 8),)
+    return cfg
+
+
+def latent_shape(cfg) -> tuple[int, ...]:
+    from vdiff.models.video_vae import latent_frames
+
+    d, v = cfg.data, cfg.vae
+    s = d.resolution // v.spatial_down
+    return (latent_frames(d.frames, v.temporal_down), s, s, v.latent_channels)
+
+
 def build(
-    mesh_spec: dict[str, int], steps: int, *, keep: int = 2, keep_every: int = 0, devices=None
+    mesh_spec: dict[str, int],
+    steps: int,
+    *,
+    keep: int = 2,
+    keep_every: int = 0,
+    devices=None,
+    model: str = "mlp",
 ):
-    """(config, engine) for ``mesh_spec`` over ``devices`` (default: the job's first N)."""
+    """(config, engine) for ``mesh_spec`` over ``devices`` (default: the job's first N):
+    the MLP, or (``model="dit"``) the transformer stage's engine on a small config."""
     import math
 
     import jax
 
     from vdiff.parallel.mesh import make_mesh
+    from vdiff.train import stages
     from vdiff.train.engine import Engine, OptimConfig
 
     cfg = build_config(mesh_spec, keep=keep, keep_every=keep_every)
+    mesh = make_mesh(cfg, devices or jax.devices()[: math.prod(mesh_spec.values())])
+    if model == "dit":
+        cfg = dit_config(cfg)
+        cfg.train.steps, cfg.train.warmup, cfg.train.optimizer = steps, 2, "adamw"
+        return cfg, stages.dit_engine(cfg, mesh)
     engine = Engine(
         make_mlp,
         mse_loss,
-        make_mesh(cfg, devices or jax.devices()[: math.prod(mesh_spec.values())]),
+        mesh,
         cfg.mesh.rules,
         OptimConfig(lr=1e-2, warmup=2, steps=steps),
         ema_decay=0.9,
@@ -102,15 +132,81 @@ def build(
     return cfg, engine
 
 
+def _record(i: int, model: str) -> dict:
+    """Row ``i``: the MLP's (x, y) as ``video`` / ``audio``, or random transformer latents."""
+    import numpy as np
+
+    if model == "mlp":
+        d = dataset()
+        x, y, tokens = d["x"][i], d["y"][i], np.zeros(1, np.int32)
+    else:
+        from vdiff.config import load_config
+
+        rng = np.random.default_rng(i)
+        x = rng.standard_normal(latent_shape(dit_config(load_config("tiny")))).astype(np.float32)
+        y, tokens = None, rng.integers(4, 300, 8).astype(np.int32)
+    return {"key": f"row{i:04d}", "index": i, "video": x, "audio": y, "has_audio": y is not None,
+            "tokens": tokens, "mask": np.ones(len(tokens), bool), "caption": ""}  # fmt: skip
+
+
+def write_dataset(out: Path, model: str = "mlp", n: int = 512) -> None:
+    """Every process writes its consecutive run of the dataset's rows; process 0 merges."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from data_pipelines import latents as lc
+
+    pi, pc = jax.process_index(), jax.process_count()
+    writer = lc.PartWriter(out, "train", pi, pc, records_per_shard=100)
+    for i in range(n * pi // pc, n * (pi + 1) // pc):
+        writer.write(_record(i, model))
+    writer.close()
+    multihost_utils.sync_global_devices("mp_worker_parts")
+    if pi == 0:
+        entry, _ = lc.merge_parts(out, "train", pc)
+        lc.write_meta(out, {"dataset": "mlp"}, {"train": entry}, {})
+    multihost_utils.sync_global_devices("mp_worker_meta")
+
+
+FIELDS = {
+    "mlp": {"x": "video", "y": "audio"},
+    "dit": {"video_latents": "video", "tokens": "tokens", "mask": "mask"},
+}
+
+
+def dataset_stream(
+    data: Path, batch_size: int, process_index=None, process_count=None, model: str = "mlp"
+):
+    """The model's dataset as a stream (its shards written first if ``data`` has none)."""
+    import jax
+
+    from data_pipelines import latents as lc
+
+    if lc.read_meta(data) is None:
+        write_dataset(data, model)
+    return lc.cache_stream(
+        data,
+        "train",
+        lc.RecordFields(FIELDS[model]),
+        batch_size=batch_size,
+        seed=7,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+    )
+
+
 class RecordingSource:
-    """Wraps an ArraySource; appends each drawn batch's rows and hash to a jsonl file."""
+    """Wraps a stream; appends each drawn batch's rows and hash to a jsonl file."""
 
     def __init__(self, source, path: Path, step_sleep: float = 0.0):
         self.source, self.path, self.step_sleep = source, path, step_sleep
         self.step = 0
 
-    def next(self):
-        batch = self.source.next()
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.source)
         self.step += 1
         digest = hashlib.sha256(b"".join(batch[k].tobytes() for k in sorted(batch))).hexdigest()
         rows = self.source.last_indices.tolist()
@@ -125,10 +221,10 @@ class RecordingSource:
 
     def set_state(self, state):
         self.source.set_state(state)
-        self.step = (
-            int(state["epoch"]) * (self.source.n // self.source.global_batch)
-            + int(state["pos"]) // self.source.global_batch
-        )
+        self.step = self.source.position // self.source.global_batch
+
+    def close(self):
+        self.source.close()
 
 
 def train(args) -> int:
@@ -137,24 +233,25 @@ def train(args) -> int:
     from jax.experimental import multihost_utils
 
     from vdiff.train import distributed
-    from vdiff.train.batch_source import ArraySource
     from vdiff.train.loop import PreemptedError, run_stage
 
     distributed.initialize()
     mesh_spec = json.loads(args.mesh)
-    cfg, engine = build(mesh_spec, args.steps, keep=args.keep, keep_every=args.keep_every)
+    cfg, engine = build(
+        mesh_spec, args.steps, keep=args.keep, keep_every=args.keep_every, model=args.model
+    )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pc, pi = jax.process_count(), jax.process_index()
     (workdir / f"pid.p{pi}").write_text(str(os.getpid()))  # lets the tests signal one process
     source = RecordingSource(
-        ArraySource(dataset(), args.global_batch // pc, seed=7),
+        dataset_stream(workdir / "data", args.global_batch // pc, model=args.model),
         workdir / f"seen.p{pi}.jsonl",
         args.step_sleep,
     )
     try:
         state, summary = run_stage(
-            STAGE,
+            args.model,  # the stage's name: WORKDIR/checkpoints/<model>
             engine,
             source,
             steps=args.steps,
@@ -187,6 +284,7 @@ def main() -> int:
     p.add_argument("--ckpt-every", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--mesh", default='{"data": 8}', help='JSON axis sizes, e.g. {"fsdp": 8}')
+    p.add_argument("--model", choices=("mlp", "dit"), default="mlp")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--sync-every", type=int, default=1)

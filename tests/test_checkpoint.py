@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import _mp_worker as w
 
+from data_pipelines.stream import BatchStream, pick_state
 from vdiff.errors import UserError
-from vdiff.train.batch_source import ArraySource
 from vdiff.train.checkpoint import Checkpointer, state_digest
 from vdiff.train.loop import PreemptedError, run_stage
 
@@ -38,7 +38,7 @@ def _assert_equal(a, b) -> None:
 
 def _train(engine, workdir: Path, steps: int, *, ckpt_every=4, source=None):
     cfg = w.build_config({"fsdp": 8}, keep=3)
-    source = source or ArraySource(w.dataset(), 32, seed=7)
+    source = source or w.dataset_stream(workdir / "data", 32, 0, 1)
     state, summary = run_stage(
         "mlp",
         engine,
@@ -243,14 +243,26 @@ def test_resume_after_damage_matches_uninterrupted_run(engine8, tmp_path, caplog
 def test_signal_finishes_step_saves_and_raises(engine8, tmp_path):
     """SIGTERM mid-step (one process: the Python handler) -> checkpoint at that step."""
 
-    class SignalAt(ArraySource):
-        def next(self):
-            batch = super().next()
-            if self.pos == 3 * self.global_batch:  # during the 3rd step
+    class SignalAt:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = next(self.stream)
+            if self.stream.position == 3 * self.stream.global_batch:  # during the 3rd step
                 os.kill(os.getpid(), signal.SIGTERM)
             return batch
 
-    source = SignalAt(w.dataset(), 32, seed=7)
+        def get_state(self):
+            return self.stream.get_state()
+
+        def set_state(self, state):
+            self.stream.set_state(state)
+
+    source = SignalAt(w.dataset_stream(tmp_path / "data", 32, 0, 1))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(PreemptedError, match="stopped by signal at step 3"):
         _train(engine8, tmp_path, 12, source=source)
@@ -258,23 +270,36 @@ def test_signal_finishes_step_saves_and_raises(engine8, tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints" / "mlp")
     assert ckpt.latest_step() == 3
     step, _, data = ckpt.restore(engine8.abstract_state, engine8.state_shardings)
-    assert step == 3 and data["pos"] == 3 * 32 and data["epoch"] == 0
+    assert step == 3 and data["processes"][0]["position"] == 3 * 32
     ckpt.close()
+
+
+def _ids(pos, rec):
+    return {"i": np.int64(rec)}
 
 
 def test_data_stream_is_global_across_process_counts():
     """Process p's batch is rows [p*B, (p+1)*B) of the one-process global batch; a
     position saved with 1 process continues the same global stream on 2."""
-    data = {"i": np.arange(100)}
-    one = ArraySource(data, 20, seed=3, process_index=0, process_count=1)
-    two = [ArraySource(data, 10, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+
+    def stream(b, p, n):
+        return BatchStream(100, _ids, batch_size=b, seed=3, process_index=p, process_count=n)
+
+    one = stream(20, 0, 1)
+    two = [stream(10, p, 2) for p in (0, 1)]
     for _ in range(7):  # crosses an epoch boundary (5 global batches per epoch)
-        np.testing.assert_array_equal(one.next()["i"], np.concatenate([s.next()["i"] for s in two]))
-    saved = one.get_state()
-    resumed = [ArraySource(data, 10, seed=3, process_index=p, process_count=2) for p in (0, 1)]
-    for s in resumed:
-        s.set_state(saved)
+        np.testing.assert_array_equal(next(one)["i"], np.concatenate([next(s)["i"] for s in two]))
+    saved = [one.get_state()]
+    resumed = [stream(10, p, 2) for p in (0, 1)]
+    for p, s in enumerate(resumed):
+        s.set_state(pick_state(saved, p, 2))
     for _ in range(4):
         np.testing.assert_array_equal(
-            one.next()["i"], np.concatenate([s.next()["i"] for s in resumed])
+            next(one)["i"], np.concatenate([next(s)["i"] for s in resumed])
         )
+    # Another global batch: the stream continues at the same example, none replayed.
+    other = stream(30, 0, 1)
+    other.set_state(one.get_state())
+    np.testing.assert_array_equal(
+        next(other)["i"], np.concatenate([next(one)["i"], next(one)["i"][:10]])
+    )

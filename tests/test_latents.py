@@ -22,7 +22,7 @@ from vdiff.errors import UserError
 from vdiff.models.video_vae import compute_latent_stats
 from vdiff.parallel.mesh import make_mesh
 from vdiff.train import stages
-from vdiff.train.data import Data, Split
+from vdiff.train.data import Data
 from vdiff.train.trained import Trained, TrainedModel
 
 CAPTION_LEN = 32
@@ -41,25 +41,51 @@ def _config():
 
 
 def _split(rng, n, name):
+    """Random decoded-frame records of one split (what the frames cache holds)."""
     h, w, t = _config().data.buckets[0]
-    captions = [f"clip {i} of {name}" for i in range(n)]
-    keys = [f"{name}_{i:03d}" for i in range(n)]
-    if name == "val":
-        captions[1], keys[1] = NON_ASCII, "val_ünï_001"
-    mel = rng.normal(size=(n, 200, 64)).astype(np.float32)
     mask = np.arange(CAPTION_LEN)[None] < rng.integers(3, CAPTION_LEN, size=(n, 1))
-    return Split(
-        video=rng.integers(0, 256, size=(n, t, h, w, 3), dtype=np.uint8),
-        mel=mel,
-        mel_norm=mel,
-        has_audio=np.arange(n) % 3 != 0,
-        tokens=np.where(mask, rng.integers(1, 300, size=(n, CAPTION_LEN)), 0).astype(np.int32),
-        mask=mask,
-        captions=captions,
-        meta=[{} for _ in range(n)],
-        keys=keys,
-        indices=np.arange(n, dtype=np.int64) * 2 + 1,
-    )
+    tokens = np.where(mask, rng.integers(1, 300, size=(n, CAPTION_LEN)), 0).astype(np.int32)
+    recs = []
+    for i in range(n):
+        recs.append(
+            {
+                "key": "val_ünï_001" if (name, i) == ("val", 1) else f"{name}_{i:03d}",
+                "index": 2 * i + 1,
+                "video": rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8),
+                "audio": rng.normal(size=(200, 64)).astype(np.float32),
+                "has_audio": i % 3 != 0,
+                "tokens": tokens[i],
+                "mask": mask[i],
+                "caption": NON_ASCII if (name, i) == ("val", 1) else f"clip {i} of {name}",
+            }
+        )
+    return recs
+
+
+def _frames_data(root, splits) -> Data:
+    """A Data over a frames cache of ``splits`` (raw log-mel statistics 0 / 1: identity)."""
+    frames = root / "frames"
+    lc.clear_cache(frames, lc.FRAMES)
+    entries = {}
+    for split, recs in splits.items():
+        writer = lc.PartWriter(frames, split)
+        for rec in recs:
+            writer.write(rec)
+        writer.close()
+        entries[split], _ = lc.merge_parts(frames, split, 1)
+    mel = {"mean": 0.0, "std": 1.0}
+    lc.write_meta(frames, {"test": True}, entries, {}, lc.FRAMES, {"mel_stats": mel})
+    counts = {split: len(recs) for split, recs in splits.items()}
+    return Data(
+        config=_config(), root=root, records=root, frames=frames, tokenizer=None,
+        mel_stats=mel, counts=counts, tag={"test": True},
+    )  # fmt: skip
+
+
+def _rows(source, transform, rows):
+    """Records ``rows`` of a cache source through ``transform``, stacked like a batch."""
+    examples = [transform(source[i]) for i in rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def _random_state(engine, seed, step=0):
@@ -85,9 +111,8 @@ def setup(tmp_path_factory):
     config = _config()
     mesh = make_mesh(config)
     rng = np.random.default_rng(0)
-    parts = {"train": _split(rng, 24, "train"), "val": _split(rng, 8, "val")}
     root = tmp_path_factory.mktemp("data")
-    data = Data(root=root, records=root, tokenizer=None, mel_stats={}, parts=parts)
+    data = _frames_data(root, {"train": _split(rng, 24, "train"), "val": _split(rng, 8, "val")})
     ae = Trained(
         vae=_random_state(stages.video_vae_engine(config, mesh), 1),
         audio_ae=_random_state(stages.audio_ae_engine(config, mesh), 2),
@@ -102,43 +127,74 @@ def setup(tmp_path_factory):
 
 def _encoded(ae, data, split):
     fns = stages.encoder_fns(ae)
-    s = data.split(split)
-    return stages._batched(fns["video"], [s.video], 64), stages._batched(
-        fns["audio"], [s.mel_norm], 64
+    s = data.head(split, data.counts[split])
+    return stages._encode_padded(fns["video"], s.video), stages._encode_padded(
+        fns["audio"], s.mel_norm
     )
 
 
-def test_cache_round_trips_bit_exactly(setup):
+def _read(cache_dir, split):
+    src = lc.LatentSource(cache_dir, split)
+    return src.read(range(len(src)))
+
+
+def test_cache_round_trips(setup):
     _, _, data, ae, workdir, cache = setup
     assert cache.dir == workdir / "latents"
-    train_shards = sorted(p.name for p in cache.dir.glob("train-*.array_record"))
+    train_shards = sorted(p.name for p in cache.dir.glob("train.*.array_record"))
     assert len(train_shards) > 1
-    assert train_shards[0] == f"train-00000-of-{len(train_shards):05d}.array_record"
+    assert train_shards[0] == f"train.p00000-of-00001-00000-of-{len(train_shards):05d}.array_record"
     for split in ("train", "val"):
         video, audio = _encoded(ae, data, split)
-        got = lc.load_split(cache.dir, split)
-        s = data.split(split)
+        got = _read(cache.dir, split)
+        s = data.head(split, data.counts[split])
         assert got["video"].dtype == np.float32 and np.array_equal(got["video"], video)
         assert np.array_equal(got["audio"], audio)
         for name in ("tokens", "mask", "has_audio"):
             assert got[name].dtype == getattr(s, name).dtype
             assert np.array_equal(got[name], getattr(s, name)), name
         assert np.array_equal(got["index"], s.indices)
-        assert list(got["key"]) == s.keys and list(got["caption"]) == s.captions
+        assert got["key"] == s.keys and got["caption"] == s.captions
         assert cache.meta["splits"][split]["count"] == len(s)
-    assert lc.load_split(cache.dir, "val")["caption"][1] == NON_ASCII
-    # Statistics: over the train split, exact through stats.json, and what the call returned.
+    assert _read(cache.dir, "val")["caption"][1] == NON_ASCII
+    # Statistics: over the train split (float64 moments merged from every process's part,
+    # so equal to the float32 reference up to its rounding), exact through stats.json.
     video, audio = _encoded(ae, data, "train")
     stats = lc.load_stats(cache.dir)
     for mod, z in (("video", video), ("audio", audio)):
         want = compute_latent_stats(z)
         for k in ("shift", "scale"):
             assert stats[mod][k].dtype == np.float32
-            assert np.array_equal(stats[mod][k], np.asarray(want[k]))
+            np.testing.assert_allclose(stats[mod][k], np.asarray(want[k]), rtol=2e-5, atol=1e-6)
             assert np.array_equal(stats[mod][k], cache.stats[mod][k])
     tag = cache.meta["tag"]
     assert tag["vae_step"] == 0 and tag["audio_step"] == 0
     assert tag["data"]["clips"] == {"train": 24, "val": 8}
+
+
+def test_two_parts_hold_the_records_of_one(setup, tmp_path):
+    """Parts written by two processes merge into the records, order and moments of one."""
+    cache = setup[-1]
+    src = lc.LatentSource(cache.dir, "train")
+    recs = [src[i] for i in range(len(src))]
+    moments = {}
+    for parts in (1, 2):
+        out = tmp_path / f"p{parts}"
+        for p in range(parts):
+            w = lc.PartWriter(out, "train", p, parts, moments=("video",))
+            for rec in recs[len(recs) * p // parts : len(recs) * (p + 1) // parts]:
+                w.write(rec)
+            w.close()
+        entry, moments[parts] = lc.merge_parts(out, "train", parts)
+        lc.write_meta(out, {}, {"train": entry}, {})
+        got = _read(out, "train")
+        assert got["key"] == [r["key"] for r in recs]
+        assert np.array_equal(got["video"], np.stack([r["video"] for r in recs]))
+    np.testing.assert_allclose(moments[2]["video"].sum, moments[1]["video"].sum, rtol=1e-12)
+    assert moments[2]["video"].count == moments[1]["video"].count
+    with pytest.raises(UserError, match="process 1 did not finish"):
+        (tmp_path / "p2" / "train.p00001-of-00002.json").unlink()
+        lc.merge_parts(tmp_path / "p2", "train", 2)
 
 
 def test_record_rejects_bad_bytes():
@@ -183,13 +239,13 @@ def test_cache_reused_while_tag_matches_rebuilt_when_it_changes(setup, monkeypat
     rebuilt = stages.cache_latents(config, wd, mesh, data, new_ae)
     assert rebuilt.meta["tag"]["vae_step"] == 5
     video, _ = _encoded(new_ae, data, "train")
-    got = lc.load_split(wd / "latents", "train")["video"]
+    got = _read(wd / "latents", "train")["video"]
     assert np.array_equal(got, video)
-    assert not np.array_equal(got, lc.load_split(workdir / "latents", "train")["video"])
+    assert not np.array_equal(got, _read(workdir / "latents", "train")["video"])
     # One shard per split now (default shard size): the old, smaller shards are gone.
     assert sorted(p.name for p in (wd / "latents").glob("*.array_record")) == [
-        "train-00000-of-00001.array_record",
-        "val-00000-of-00001.array_record",
+        "train.p00000-of-00001-00000-of-00001.array_record",
+        "val.p00000-of-00001-00000-of-00001.array_record",
     ]
 
 
@@ -200,12 +256,14 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     def fresh(name):
         d = tmp_path / name / "latents"
         shutil.copytree(src, d)
-        return d, sorted(d.glob("train-*.array_record"))
+        return d, sorted(d.glob("train.*.array_record"))
 
     d, shards = fresh("missing")
     shards[1].unlink()
-    with pytest.raises(UserError, match=r"train-00001-of-\d+\.array_record is missing"):
-        lc.load_split(d, "train")
+    with pytest.raises(
+        UserError, match=r"train\.p00000-of-00001-00001-of-\d+\.array_record is missing"
+    ):
+        lc.LatentSource(d, "train")
     # The main job's reuse check says the same before training starts.
     with pytest.raises(UserError, match="is missing; remove"):
         stages.cache_latents(config, d.parent, mesh, data, ae)
@@ -213,47 +271,70 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     d, shards = fresh("truncated")
     shards[0].write_bytes(shards[0].read_bytes()[:70_000])
     with pytest.raises(UserError, match="truncated or replaced"):
-        lc.load_split(d, "train")
+        lc.LatentSource(d, "train")
 
     d, shards = fresh("flipped")  # same size, damaged bytes: ArrayRecord's chunk hash
     raw = bytearray(shards[0].read_bytes())
     raw[100:400] = bytes(b ^ 0xFF for b in raw[100:400])
     shards[0].write_bytes(bytes(raw))
     with pytest.raises(UserError, match="damaged") as e:
-        lc.load_split(d, "train")
+        _read(d, "train")
     assert "rebuild" in str(e.value)
 
     d, _ = fresh("meta")
     (d / "latents.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         lc.LatentSource(d, "train")
-    with pytest.raises(UserError, match="no latent cache"):
-        lc.load_split(tmp_path / "nothing", "train")
+    with pytest.raises(UserError, match="no cache in"):
+        lc.LatentSource(tmp_path / "nothing", "train")
     with pytest.raises(UserError, match="no split 'val_heldout'"):
-        lc.load_split(src, "val_heldout")
+        lc.LatentSource(src, "val_heldout")
+
+
+def _dit_inputs(config, data, cache, rows):
+    """Rows of the transformer's inputs, as its latent stream and its clip stream make them."""
+    fields = stages.dit_latent_fields(config, cache)
+    norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
+    cached = _rows(lc.LatentSource(cache.dir, "train"), lc.RecordFields(fields, norms), rows)
+    clip_fields = stages.dit_clip_fields(config, cache.stats)
+    mel = {k: data.mel_norm for k, f in clip_fields.items() if f == "audio"}
+    clips = _rows(data.source("train"), lc.RecordFields(clip_fields, mel), rows)
+    return cached, clips
+
+
+def test_latent_stream_batches_are_the_cache_rows(setup):
+    config, _, _, _, _, cache = setup
+    stream = stages.dit_latent_stream(config, cache)(4, 11)
+    batch = next(stream)
+    fields = stages.dit_latent_fields(config, cache)
+    norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
+    want = _rows(
+        lc.LatentSource(cache.dir, "train"), lc.RecordFields(fields, norms), stream.last_indices
+    )
+    assert batch.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(batch[k], want[k]), k
+    stream.close()
 
 
 def test_clip_encoder_matches_cached_latents(setup):
     config, mesh, data, ae, _, cache = setup
     encode = stages.clip_encoder(config, ae, cache.stats)
-    cached = stages.dit_arrays(config, cache)
-    raw = stages.dit_clip_arrays(config, data, cache.stats)
-    rows = np.arange(8, 16)
+    cached, raw = _dit_inputs(config, data, cache, range(8, 16))
     sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    batch = {k: jax.device_put(v[rows], sharded) for k, v in raw.items()}
+    batch = {k: jax.device_put(v, sharded) for k, v in raw.items()}
     out = jax.jit(encode)(batch)
     for k in ("video_latents", "audio_latents"):
-        np.testing.assert_allclose(np.asarray(out[k]), cached[k][rows], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out[k]), cached[k], rtol=0, atol=1e-5)
     for k in ("tokens", "mask", "has_audio"):
-        assert np.array_equal(np.asarray(out[k]), cached[k][rows])
+        assert np.array_equal(np.asarray(out[k]), cached[k])
     assert "video" not in out and "mel" not in out
 
 
 def test_dit_loss_same_from_cache_or_clips(setup):
     """The transformer's loss in "clips" mode (encode inside the jit) equals the cached one."""
     config, mesh, data, ae, _, cache = setup
-    cached = {k: v[:8] for k, v in stages.dit_arrays(config, cache).items()}
-    clips = {k: v[:8] for k, v in stages.dit_clip_arrays(config, data, cache.stats).items()}
+    cached, clips = _dit_inputs(config, data, cache, range(8))
     engines = {
         "latents": stages.dit_engine(config, mesh),
         "clips": stages.dit_engine(

@@ -1,7 +1,8 @@
 """Multi-process runs on localhost: launch/local.py + jax.distributed + gloo.
 
-The training runs are ``tests/_mp_worker.py`` (an MLP stage through ``run_stage``) started
-by ``launch/local.py`` as 2 processes x 4 fake CPU devices sharing one checkpoint folder.
+The training runs are ``tests/_mp_worker.py`` (a small transformer stage through
+``run_stage``, streaming latent shards that the processes wrote part by part) started by
+``launch/local.py`` as 2 processes x 4 fake CPU devices sharing one checkpoint folder.
 Also here: the launcher's failure handling and the environment -> jax.distributed parsing.
 """
 
@@ -24,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_mp_worker.py"
 LAUNCH = ROOT / "launch" / "local.py"
 STEPS, CKPT_EVERY, SLEEP = 16, 4, 0.15
+MODEL = "dit"  # the transformer stage's engine (small), reading latent shards as a stream
 MESH = '{"fsdp": 8}'
 
 
-def _cmd(workdir: Path, nproc: int = 2) -> list[str]:
+def _cmd(workdir: Path, nproc: int = 2, model: str = MODEL) -> list[str]:
     return [
         sys.executable,
         str(LAUNCH),
@@ -50,6 +52,8 @@ def _cmd(workdir: Path, nproc: int = 2) -> list[str]:
         str(SLEEP),
         "--mesh",
         MESH,
+        "--model",
+        model,
     ]
 
 
@@ -62,19 +66,23 @@ def _env() -> dict:
     return env
 
 
-def _start(workdir: Path) -> subprocess.Popen:
+def _start(workdir: Path, model: str = MODEL) -> subprocess.Popen:
     return subprocess.Popen(
-        _cmd(workdir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _cmd(workdir, model=model),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
-def _run(workdir: Path, timeout: float = 90) -> tuple[int, str]:
+def _run(workdir: Path, timeout: float = 180) -> tuple[int, str]:
     p = _start(workdir)
     out, _ = p.communicate(timeout=timeout)
     return p.returncode, out
 
 
-def _wait_for(predicate, timeout: float = 60, what: str = "") -> None:
+def _wait_for(predicate, timeout: float = 180, what: str = "") -> None:
     deadline = time.time() + timeout
     while not predicate():
         if time.time() > deadline:
@@ -82,8 +90,8 @@ def _wait_for(predicate, timeout: float = 60, what: str = "") -> None:
         time.sleep(0.05)
 
 
-def _committed_steps(workdir: Path) -> list[int]:
-    d = workdir / "checkpoints" / "mlp"
+def _committed_steps(workdir: Path, model: str = MODEL) -> list[int]:
+    d = workdir / "checkpoints" / model
     if not d.exists():
         return []
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
@@ -109,21 +117,26 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(reference, devices, tmp_path):
-    """2 processes x 4 devices == 1 process x 8 devices: same batches, same parameters."""
+    """2 processes x 4 devices == 1 process x 8 devices: the same shards written by
+    each process's part, the same streamed batches, the same parameters."""
     sys.path.insert(0, str(WORKER.parent))
     import _mp_worker as w
 
-    from vdiff.train.batch_source import ArraySource
+    from data_pipelines import latents as lc
     from vdiff.train.loop import run_stage
 
     workdir = tmp_path
-    cfg, engine = w.build(json.loads(MESH), STEPS)
-    source = w.RecordingSource(
-        ArraySource(w.dataset(), 32, seed=7, process_index=0, process_count=1),
-        workdir / "seen.p0.jsonl",
-    )
+    cfg, engine = w.build(json.loads(MESH), STEPS, model=MODEL)
+    stream = w.dataset_stream(workdir / "data", 32, 0, 1, model=MODEL)
+    ref_src, one_src = (lc.LatentSource(d / "data", "train") for d in (reference, workdir))
+    assert ref_src.info["parts"] == 2 and one_src.info["parts"] == 1
+    ref_rows, one_rows = (src.read(range(len(src))) for src in (ref_src, one_src))
+    assert ref_rows["key"] == one_rows["key"]
+    for k in ("video", "tokens", "index"):
+        np.testing.assert_array_equal(ref_rows[k], one_rows[k])
+    source = w.RecordingSource(stream, workdir / "seen.p0.jsonl")
     state, _ = run_stage(
-        "mlp", engine, source, steps=STEPS, workdir=workdir, config=cfg, seed=0, log_every=STEPS
+        MODEL, engine, source, steps=STEPS, workdir=workdir, config=cfg, seed=0, log_every=STEPS
     )
     # The global batch of each step is process 0's rows followed by process 1's.
     one = [r["rows"] for r in _seen(workdir, 0)]
@@ -151,16 +164,32 @@ def test_two_process_checkpoint_restores_on_one_process(reference, devices):
     from vdiff.train.checkpoint import Checkpointer
 
     final = np.load(reference / "final.npz")
-    ckpt = Checkpointer(reference / "checkpoints" / "mlp")
+    ckpt = Checkpointer(reference / "checkpoints" / MODEL)
     for mesh in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1}):
         n = int(np.prod(list(mesh.values())))
-        _, engine = w.build(mesh, STEPS)
+        _, engine = w.build(mesh, STEPS, model=MODEL)
         assert len(engine.mesh.devices.flat) == n
         step, state, data = ckpt.restore(engine.abstract_state, engine.state_shardings)
-        assert step == STEPS and data["process_count"] == 2
+        assert step == STEPS and [s["process_index"] for s in data["processes"]] == [0, 1]
         for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
             np.testing.assert_array_equal(np.asarray(x), final[jax.tree_util.keystr(path)])
     ckpt.close()
+    # One process continues the two processes' stream at the same example: its next
+    # global batch is the one an uninterrupted 1-process stream reads after STEPS.
+    from data_pipelines import latents as lc
+    from data_pipelines.stream import pick_state
+
+    def stream():
+        return lc.cache_stream(
+            reference / "data", "train", lc.RecordFields({"x": "video"}),
+            batch_size=32, seed=7, process_index=0, process_count=1,
+        )  # fmt: skip
+
+    with stream() as resumed, stream() as fresh:
+        resumed.set_state(pick_state(data["processes"], 0, 1))
+        for _ in range(STEPS):
+            next(fresh)
+        np.testing.assert_array_equal(next(resumed)["x"], next(fresh)["x"])
 
 
 @pytest.mark.multiprocess
@@ -202,9 +231,9 @@ def test_sigkill_then_relaunch_is_bitwise_equal(reference, tmp_path):
 @pytest.mark.multiprocess
 def test_sigterm_to_one_process_saves_and_exits_zero(tmp_path):
     """A preemption notice on one host stops every host at the same step, after a save."""
-    p = _start(tmp_path)
+    p = _start(tmp_path, model="mlp")  # the signal path does not depend on the model
     try:
-        _wait_for(lambda: CKPT_EVERY in _committed_steps(tmp_path), what="first checkpoint")
+        _wait_for(lambda: CKPT_EVERY in _committed_steps(tmp_path, "mlp"), what="first checkpoint")
         os.kill(int((tmp_path / "pid.p1").read_text()), signal.SIGTERM)
         out, _ = p.communicate(timeout=60)
     finally:
@@ -219,7 +248,7 @@ def test_sigterm_to_one_process_saves_and_exits_zero(tmp_path):
     assert set(stops) == {0, 1} and stops[0] == stops[1], out[-3000:]
     stop = stops[0]
     assert CKPT_EVERY <= stop < STEPS
-    assert stop in _committed_steps(tmp_path)
+    assert stop in _committed_steps(tmp_path, "mlp")
     assert not (tmp_path / "final.npz").exists()
     # Both processes drew exactly the batches of the steps they trained.
     for rank in (0, 1):

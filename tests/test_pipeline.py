@@ -154,7 +154,7 @@ def test_state_restores_in_a_new_process(data, tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(state))
     expected = _take(it, 2)
     it.close()
-    assert it.stats["batches"] == 4
+    assert it.stats["examples"] == 16  # 4 batches of 4
     # A fresh interpreter rebuilds the pipeline (with worker processes this time) and resumes.
     script = textwrap.dedent(f"""
         import json, sys
@@ -181,22 +181,21 @@ def test_restore_rejects_state_of_another_pipeline(data):
             b.set_state(a.get_state())
 
 
-def test_two_processes_split_each_epoch_disjointly(data):
-    per_epoch = NUM_CLIPS // 2 // 4  # batches per process per epoch
-    streams = []
+def test_two_processes_read_their_rows_of_one_global_stream(data):
+    """Process p reads rows [4p, 4p + 4) of each global batch of 8: the two together are
+    the one-process stream, and each epoch visits every record once, reshuffled."""
+    per_epoch = NUM_CLIPS // 8  # global batches per epoch
+    with build(data, batch_size=8) as one:
+        single = [list(b["key"]) for b in _take(one, 2 * per_epoch)]
+    parts = []
     for p in range(2):
-        with build(data, process_index=p, process_count=2, num_epochs=2) as it:
-            batches = list(it)
-        assert len(batches) == 2 * per_epoch  # finite epochs end, every host equally
-        streams.append([list(b["key"]) for b in batches])
-    everything = sorted(_record_keys())
-    for epoch in range(2):
-        part = [
-            list(itertools.chain(*s[epoch * per_epoch : (epoch + 1) * per_epoch])) for s in streams
-        ]
-        assert not set(part[0]) & set(part[1])
-        assert sorted(part[0] + part[1]) == everything
-    assert streams[0][:per_epoch] != streams[0][per_epoch:]  # reshuffled per epoch
+        with build(data, process_index=p, process_count=2) as it:
+            parts.append([list(b["key"]) for b in _take(it, 2 * per_epoch)])
+    assert [a + b for a, b in zip(*parts)] == single
+    epochs = [list(itertools.chain(*single[e * per_epoch : (e + 1) * per_epoch])) for e in (0, 1)]
+    for keys in epochs:
+        assert sorted(keys) == sorted(_record_keys())
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
 
 
 def _record_keys():
@@ -204,15 +203,15 @@ def _record_keys():
 
 
 def test_bad_records_are_skipped_and_counted(data):
-    with build(data, split="bad", batch_size=2, num_epochs=1) as it:
-        batches = list(it)
+    with build(data, split="bad", batch_size=2) as it:
+        batches = _take(it, (NUM_CLIPS + 2) // 2)  # one epoch
         stats = it.stats
     assert len(batches) == (NUM_CLIPS + 2) // 2  # every batch full: bad ones were refilled
     keys = [k for b in batches for k in b["key"]]
     assert set(keys) == set(_record_keys())
     assert stats["skipped"] >= 2  # both bad records met (a refill may meet one again)
     # The count survives a checkpoint.
-    with build(data, split="bad", batch_size=2, num_epochs=1) as again:
+    with build(data, split="bad", batch_size=2) as again:
         again.set_state(it.get_state())
         assert again.stats["skipped"] == stats["skipped"]
 
@@ -260,20 +259,44 @@ def test_audio_window_matches_video_window(data):
     assert len(checked) >= 3  # several different windows were sampled
 
 
-def test_decode_all_matches_pipeline_decode(data):
-    c = _config()
-    tok = Tokenizer(data / "tok.model")
-    out = pipeline.decode_all(data / "bad", c, tok, progress=False)
-    assert out["video"].shape == (NUM_CLIPS, 16, 32, 32, 3)
-    assert sorted(out["key"]) == _record_keys()  # the two bad records left out
-    assert not out["start_s"].any()
+def _frames_parts(data, tmp_path, num_parts, buckets=((32, 32, 16),)):
+    """The decoded-frames cache of the "bad" split, written as ``num_parts`` processes do."""
+    from vdiff.train.data import _decode_part
+
+    c, tok = _config(buckets), Tokenizer(data / "tok.model")
+    for p in range(num_parts):
+        _decode_part(c, data / "bad", tmp_path, "train", tok, p, num_parts)
+    return tmp_path
+
+
+def test_frames_cache_holds_the_pipeline_decode_in_record_order(data, tmp_path):
+    from data_pipelines import latents as cache
+
+    caches = {}
+    for parts in (1, 2):
+        out = _frames_parts(data, tmp_path / f"p{parts}", parts)
+        entry, moments = cache.merge_parts(out, "train", parts)
+        cache.write_meta(out, {}, {"train": entry}, {}, cache.FRAMES)
+        caches[parts] = cache.LatentSource(out, "train", cache.FRAMES)
+        assert "audio" in moments  # the train split's log-mel moments, for normalising
+    src = caches[1]
+    keys = [src[i]["key"] for i in range(len(src))]
+    assert keys == _record_keys()  # the two bad records left out, order kept
+    for i in range(len(src)):  # two processes' parts hold the same records
+        a, b = src[i], caches[2][i]
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    c, tok = _config(), Tokenizer(data / "tok.model")
     one = pipeline.decode_example(
         records.decode_record(records.RecordSource(data / "good", "train").raw[3]),
-        height=32, width=32, frames=16, **pipeline._settings(c, tok),
+        height=32, width=32, frames=16, **pipeline.decode_settings(c, tok),
     )  # fmt: skip
-    i = list(out["key"]).index("clip-03")
-    for k, v in one.items():
-        np.testing.assert_array_equal(out[k][i], v, err_msg=k)
+    rec = src[keys.index("clip-03")]
+    np.testing.assert_array_equal(rec["video"], np.round((one["video"] + 1) * 127.5))
+    np.testing.assert_array_equal(rec["audio"], one["mel"])
+    np.testing.assert_array_equal(rec["tokens"], one["tokens"])
+    assert rec["index"] == 3 and rec["caption"] == _record_caption(3)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])
@@ -312,13 +335,18 @@ def test_bad_config_and_missing_data_raise_clear_errors(data, tmp_path):
         build(data, batch_size=NUM_CLIPS + 1)
 
 
-def test_decode_all_names_the_split_and_reasons_when_nothing_is_usable(data):
+def test_frames_cache_names_the_split_and_reasons_when_nothing_is_usable(data, tmp_path):
     """Clips shorter than the bucket everywhere: one line with the split and the counts."""
+    from vdiff.train.data import _frames_cache
+
+    root = tmp_path / "root"
+    (root / "records").mkdir(parents=True)
+    (root / "records" / "train").symlink_to(data / "bad")
+    (root / "tokenizer.model").symlink_to(data / "tok.model")
     c = _config(buckets=((32, 32, 64),))  # 8 s at 8 fps from 3 s sources
-    tok = Tokenizer(data / "tok.model")
     with pytest.raises(UserError) as e:
-        pipeline.decode_all(data / "bad", c, tok, progress=False)
+        _frames_cache(c, root, root / "records", ["train"], Tokenizer(data / "tok.model"), {})
     text = str(e.value)
-    assert "\n" not in text and text.startswith("split bad (")
+    assert "\n" not in text and text.startswith("split train (")
     assert "32x32x64 at 8 fps" in text and "1 RecordError" in text
     assert int(re.search(r"(\d+) too_short", text).group(1)) >= NUM_CLIPS

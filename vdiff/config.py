@@ -79,6 +79,7 @@ def load_config(
 ADDED_KEYS: dict[str, Any] = {
     "data.audio": True,
     "data.dit_input": "latents",
+    "data.decode": "cache",
     "vae.train_crop": 0,
     "vae.full_frame_steps": 0,
     "model.cross_modal": True,

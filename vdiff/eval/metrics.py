@@ -191,6 +191,31 @@ def fixed_grid_flow_loss(
     return out
 
 
+def flow_inputs(gen, val, batch: int = 16) -> dict[str, np.ndarray]:
+    """What :func:`fixed_grid_flow_loss` scores: ``val``'s clips (a
+    :class:`vdiff.train.data.Examples`) encoded by ``gen``'s autoencoders and normalised
+    like the transformer's training latents, with their tokens and masks."""
+
+    def norm(z, mod):
+        st = gen.latent_stats[mod]
+        return ((z - st["shift"]) * st["scale"]).astype(np.float32)
+
+    arrays = {
+        "video_latents": norm(vae_latents(gen.vae, val.video, batch), "video"),
+        "tokens": val.tokens,
+        "mask": val.mask,
+    }
+    if (
+        gen.audio_ae is not None
+        and gen.dit.has_audio
+        and "audio" in gen.latent_stats
+        and val.has_audio.any()
+    ):
+        arrays["audio_latents"] = norm(audio_latents(gen.audio_ae, val.mel_norm, batch), "audio")
+        arrays["has_audio"] = val.has_audio
+    return arrays
+
+
 def audio_latents(audio_ae, mel_norm: np.ndarray, batch: int = 16) -> np.ndarray:
     """Audio encoder means ``(N, Ta, Ca)`` of normalised log-mel ``(N, Tm, n_mels)``."""
     return _padded_batches(_encode_audio_mean, audio_ae, np.asarray(mel_norm, np.float32), batch)

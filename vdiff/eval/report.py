@@ -30,6 +30,7 @@ from data_pipelines.audio import mels_to_waves
 from data_pipelines.pipeline import open_split
 from data_pipelines.records import decode_record
 from data_pipelines.video_io import decode_audio
+from vdiff.eval.metrics import fixed_grid_flow_loss, flow_inputs
 from vdiff.eval.oracle import parse_caption, score_clips
 from vdiff.eval.sync import sync_scores_many
 from vdiff.models.losses import psnr, ssim
@@ -38,6 +39,8 @@ from vdiff.sampling import Generator, noise_key, write_clip
 from vdiff.train.trained import Trained
 
 log = logging.getLogger(__name__)
+# Clips of a val split the report (and eval sweeps) read into memory: the first this many.
+EVAL_CLIPS = 256
 ATTRS = ("colour_acc", "shape_acc", "direction_acc", "background_acc")
 
 
@@ -108,7 +111,7 @@ def vae_recon_scores(vae, videos, batch: int = 16) -> tuple[float, float]:
 def autoencoder_metrics(config, data, trained: Trained) -> dict:
     """Held-out reconstruction quality of the video VAE and the audio AE."""
     out = {}
-    split = data.split("val")
+    split = data.head("val", EVAL_CLIPS)
     fps, sr = config.data.fps, config.data.sample_rate
     if trained.vae is not None:
         vae = trained.vae.model()
@@ -145,15 +148,23 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
     metrics: dict = {}
     metrics.update(autoencoder_metrics(config, data, trained))
     gen = Generator.from_stages(config, data, trained, use_ema=config.sample.use_ema)
+    # The sweeps' held-out loss, on the val clips: comparable with `vdiff eval` rows.
+    metrics.update(
+        fixed_grid_flow_loss(
+            gen.dit,
+            flow_inputs(gen, data.head("val", EVAL_CLIPS)),
+            audio_weight=float(config.diffusion.audio_loss_weight),
+        )
+    )
     fps, sr = config.data.fps, config.data.sample_rate
     n = config.sample.num_prompts
     rng = np.random.default_rng(config.seed)
     rows = []
 
     def run(split_name: str, prefix: str, cfg: float, save: bool, cross_modal=None, t_start=1.0):
-        if split_name not in data.parts:
+        if split_name not in data.counts:
             return
-        split = data.split(split_name)
+        split = data.head(split_name, EVAL_CLIPS)
         k = min(n, len(split))
         prompts = split.captions[:k]
         t = time.time()
@@ -200,10 +211,12 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
     renoise_t = [float(t) for t in config.sample.renoise_t]
     for t_start in renoise_t:
         run("val", f"oracle.renoised_{t_start:g}", cfg, save=False, t_start=t_start)
-    metrics.update(_decoder_references(gen, data.split("val"), n, renoise_t, config.sample.seed))
+    metrics.update(
+        _decoder_references(gen, data.head("val", EVAL_CLIPS), n, renoise_t, config.sample.seed)
+    )
 
     # Controls on ground truth: the oracle itself, then shuffled captions / audio.
-    split = data.split("val")
+    split = data.head("val", EVAL_CLIPS)
     k = min(n, len(split))
     gt_videos = split.video[:k]
     metrics.update(_oracle("control.gt", gt_videos, split.captions[:k]))
@@ -257,7 +270,7 @@ def _gt_waves(data, split_name: str, k: int) -> list[np.ndarray]:
 
     src = open_split(data.records / split_name)
     waves = []
-    for index in data.split(split_name).indices[:k]:
+    for index in data.head(split_name, EVAL_CLIPS).indices[:k]:
         rec = decode_record(src[int(index)])
         waves.append(decode_audio(rec["video"], 0.0, rec["num_frames"] / rec["fps"], 16000))
     return waves

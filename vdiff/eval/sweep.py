@@ -36,15 +36,14 @@ from tqdm.auto import tqdm
 from vdiff.errors import UserError
 from vdiff.eval import plots
 from vdiff.eval.metrics import (
-    audio_latents,
     fixed_grid_flow_loss,
+    flow_inputs,
     frechet_distance,
     nfe,
     temporal_flicker,
     vae_features,
-    vae_latents,
 )
-from vdiff.eval.report import ATTRS, clip_scores, vae_recon_scores
+from vdiff.eval.report import ATTRS, EVAL_CLIPS, clip_scores, vae_recon_scores
 from vdiff.eval.sweep_grid import (  # noqa: F401  (parse_spec, COLUMNS re-exported)
     COLUMNS,
     DONE_METRIC,
@@ -149,9 +148,9 @@ class _Sweep:
         self.samplers = spec.sampler or (str(c.sample.sampler),)
         self.fps, self.sr = float(c.data.fps), int(c.data.sample_rate)
         data = prepare_data(c, workdir)
-        if "val" not in data.parts or not len(data.split("val")):
+        if not data.counts.get("val"):
             raise UserError(f"{workdir} has no val clips; the sweep scores against the val split")
-        self.val = data.split("val")
+        self.val = data.head("val", EVAL_CLIPS)
         self.prompts = _resolve_prompts(spec.prompts or int(c.sample.num_prompts), self.val)
         self.pid, self.pcount = jax.process_index(), jax.process_count()
         self.out = workdir / "eval" / spec.name
@@ -246,27 +245,7 @@ class _Sweep:
     def _flow_inputs(self, gen) -> dict:
         """Val latents (normalised like the transformer's training data), tokens, masks."""
         if self._flow_arrays is None:
-
-            def norm(z, mod):
-                st = gen.latent_stats[mod]
-                return ((z - st["shift"]) * st["scale"]).astype(np.float32)
-
-            val = self.val
-            arrays = {
-                "video_latents": norm(vae_latents(gen.vae, val.video, self.batch), "video"),
-                "tokens": val.tokens,
-                "mask": val.mask,
-            }
-            if (
-                gen.audio_ae is not None
-                and gen.dit.has_audio
-                and "audio" in gen.latent_stats
-                and val.has_audio.any()
-            ):
-                za = audio_latents(gen.audio_ae, val.mel_norm, self.batch)
-                arrays["audio_latents"] = norm(za, "audio")
-                arrays["has_audio"] = val.has_audio
-            self._flow_arrays = arrays
+            self._flow_arrays = flow_inputs(gen, self.val, self.batch)
         return self._flow_arrays
 
     def _fd_groups(self) -> tuple[dict, dict[tuple, list[np.ndarray]]]:

@@ -24,6 +24,7 @@ import os
 import re
 
 import jax
+from jax.experimental import multihost_utils
 
 from vdiff.errors import UserError
 
@@ -126,3 +127,10 @@ def initialize() -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (nothing to do with one process): after
+    each process wrote its part of a shared folder, before process 0 merges them."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

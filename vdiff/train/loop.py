@@ -10,6 +10,7 @@ process at the same step (:mod:`vdiff.train.preemption`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from data_pipelines.stream import pick_state
 from vdiff.parallel.mesh import to_global
 from vdiff.train.batch_source import BatchSource
 from vdiff.train.checkpoint import Checkpointer
@@ -27,6 +31,29 @@ from vdiff.train.metrics_writer import MetricWriter
 from vdiff.train.preemption import StopSignal
 
 log = logging.getLogger(__name__)
+
+
+def _every_process(state: dict) -> dict:
+    """``{"processes": [state of process 0, 1, ...]}``: every process's data state, for
+    process 0 to write into the checkpoint (each process passes its own)."""
+    if jax.process_count() == 1:
+        return {"processes": [state]}
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([len(blob)], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(blob)] = blob
+    blobs = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return {"processes": [json.loads(b[:n].tobytes()) for b, n in zip(blobs, sizes, strict=True)]}
+
+
+def _restore_position(name: str, source: BatchSource, data_state: dict) -> None:
+    processes = (data_state or {}).get("processes")
+    if not processes:  # a checkpoint written before data states were streams
+        log.warning(
+            "%s: the checkpoint holds no data stream position; the stream starts over", name
+        )
+        return
+    source.set_state(pick_state(processes, jax.process_index(), jax.process_count()))
 
 
 class PreemptedError(Exception):
@@ -60,7 +87,7 @@ def run_stage(
     restored = ckpt.restore(engine.abstract_state, engine.state_shardings)
     if restored is not None:
         start, state, data_state = restored
-        source.set_state(data_state)
+        _restore_position(name, source, data_state)
         log.info("%s: resumed from step %d", name, start)
     else:
         start, state = 0, engine.init(seed)
@@ -75,7 +102,7 @@ def run_stage(
     try:
         with StopSignal(sync_every, timed=time_budget_s > 0) as stop:
             while step < steps:
-                batch = to_global(source.next(), engine.mesh, engine.batch_axes)
+                batch = to_global(next(source), engine.mesh, engine.batch_axes)
                 state, metrics = engine.step(state, batch)
                 step += 1
                 bar.update(1)
@@ -88,7 +115,13 @@ def run_stage(
                     step, out_of_time=time_budget_s > 0 and time.time() - t0 > time_budget_s
                 )
                 if step % ckpt_every == 0 or step == steps or preempted or out_of_time:
-                    ckpt.save(step, state, data_state=source.get_state(), config=config, force=True)
+                    ckpt.save(
+                        step,
+                        state,
+                        data_state=_every_process(source.get_state()),
+                        config=config,
+                        force=True,
+                    )
                 if preempted:
                     ckpt.close()
                     raise PreemptedError(
@@ -102,6 +135,9 @@ def run_stage(
     finally:
         bar.close()
         writer.close()
+        close = getattr(source, "close", None)
+        if close is not None:  # reader threads and worker processes
+            close()
     ckpt.close()
     summary.update(
         end_step=step, wall_s=time.time() - t0, **{f"final_{k}": v for k, v in last.items()}

@@ -1,12 +1,16 @@
 """The main job's training stages, each a model + loss on the shared engine.
 
-- ``vae``: the video VAE on decoded clips (uint8 in memory, scaled on device).
+- ``vae``: the video VAE on decoded clips (uint8 frames streamed from the frames cache,
+  scaled on device).
 - ``audio_ae``: the audio autoencoder on normalised log-mel.
-- latent cache: both encoders run once over the data into ArrayRecord shards
-  (:mod:`data_pipelines.latents`); per-channel latent statistics are computed over the
-  train split and stored beside them.
-- ``dit``: the diffusion transformer on cached latents + tokenized captions, or
-  (``data.dit_input="clips"``) on decoded clips encoded inside its train step.
+- latent cache: both encoders run once over the data into ArrayRecord shards, every
+  process encoding its own run of records (:mod:`data_pipelines.latents`); per-channel
+  latent statistics of the train split are merged from every process's moments.
+- ``dit``: the diffusion transformer on streamed cached latents + tokenized captions, or
+  (``data.dit_input="clips"``) on streamed decoded clips encoded inside its train step.
+
+Every stage reads a :class:`~data_pipelines.stream.BatchStream`: memory is bounded by
+the batch and the prefetch depth, not by the dataset.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.dit import DiT, DiTSizes
 from vdiff.models.losses import audio_ae_loss, vae_loss
-from vdiff.models.video_vae import VideoVAE, compute_latent_stats, from_pixels, normalize
-from vdiff.train.batch_source import ArraySource
+from vdiff.models.video_vae import VideoVAE, from_pixels, normalize
 from vdiff.train.data import Data
+from vdiff.train.distributed import barrier
 from vdiff.train.engine import Engine, OptimConfig
 from vdiff.train.loop import run_stage
 from vdiff.train.trained import LatentCache, LatentStats, Trained, TrainedModel
@@ -139,8 +143,9 @@ def audio_ae_engine(config, mesh) -> Engine:
 _STAGE_SEEDS = {"vae": 1, "audio_ae": 2, "dit": 3}
 
 
-def _run(name, engine, arrays, config, workdir, steps, batch_size, time_budget_s=None):
-    source = ArraySource(arrays, _per_process(batch_size), seed=config.seed + _STAGE_SEEDS[name])
+def _run(name, engine, stream_for, config, workdir, steps, batch_size, time_budget_s=None):
+    """Runs a stage on ``stream_for(batch_size, seed)``: this process's batches."""
+    source = stream_for(_per_process(batch_size), config.seed + _STAGE_SEEDS[name])
     t = config.train
     return run_stage(
         name,
@@ -154,6 +159,16 @@ def _run(name, engine, arrays, config, workdir, steps, batch_size, time_budget_s
         ckpt_every=t.ckpt_every,
         time_budget_s=t.time_budget_s if time_budget_s is None else time_budget_s,
     )
+
+
+def _clips(data: Data, fields: dict[str, str], split: str = "train"):
+    """``stream_for(batch_size, seed)`` over ``split``'s decoded clips (``fields``: batch
+    key -> decoded-frames field)."""
+
+    def stream_for(batch_size: int, seed: int):
+        return data.stream(split, fields, batch_size=batch_size, seed=seed)
+
+    return stream_for
 
 
 def vae_crop_steps(vae_config) -> int:
@@ -173,20 +188,20 @@ def train_video_vae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedMod
     already passed trains nothing. A crop phase stopped by the time budget ends the stage
     there, so a rerun finishes the crop steps before any whole-frame step.
     """
-    arrays = {"video": data.train.video}
+    frames = _clips(data, {"video": "video"})
     steps, crop_steps = config.vae.steps, vae_crop_steps(config.vae)
     budget = config.train.time_budget_s
     batch = config.vae.batch_size
     first = None
     if 0 < crop_steps < steps:
         crops = video_vae_engine(config, mesh)
-        state, first = _run("vae", crops, arrays, config, workdir, crop_steps, batch)
+        state, first = _run("vae", crops, frames, config, workdir, crop_steps, batch)
         if first["end_step"] < crop_steps:  # out of time in the crop phase
             return TrainedModel(crops, state), {**first, "crop_steps": crop_steps}
         if budget > 0:  # what is left of it (at least one step: every process agrees)
             budget = max(budget - first["wall_s"], 1e-3)
     engine = video_vae_engine(config, mesh, crop=None if crop_steps == steps else 0)
-    state, summary = _run("vae", engine, arrays, config, workdir, steps, batch, budget)
+    state, summary = _run("vae", engine, frames, config, workdir, steps, batch, budget)
     summary["crop_steps"] = crop_steps
     if first is not None:
         summary["full_frame_start_step"] = summary["start_step"]
@@ -198,11 +213,10 @@ def train_video_vae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedMod
 
 def train_audio_ae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedModel, dict]:
     engine = audio_ae_engine(config, mesh)
-    arrays = {"mel": data.train.mel_norm}
     state, summary = _run(
         "audio_ae",
         engine,
-        arrays,
+        _clips(data, {"mel": "audio"}),
         config,
         workdir,
         config.audio_ae.steps,
@@ -211,17 +225,19 @@ def train_audio_ae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedMode
     return TrainedModel(engine, state), summary
 
 
-def _batched(fn, arrays: list[np.ndarray], batch: int) -> np.ndarray:
-    outs = []
-    n = len(arrays[0])
-    for i in range(0, n, batch):
-        chunk = [a[i : i + batch] for a in arrays]
-        pad = batch - len(chunk[0])
-        if pad:  # keep one compiled shape
-            chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
-        out = np.asarray(fn(*chunk))
-        outs.append(out[: batch - pad] if pad else out)
-    return np.concatenate(outs)
+def _host_params(part: TrainedModel):
+    """(graphdef, params) of a trained model, the params as this host's full copies when
+    another process holds part of them (so each process can run it on its own data)."""
+    gdef, params = nnx.split(part.model())
+    if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+        return gdef, params
+    host = jax.tree.map(
+        lambda x: np.asarray(
+            x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+        ),
+        params,
+    )
+    return gdef, host
 
 
 # Module-level jits keyed by the (static, hashable) graph definition: encoding another
@@ -244,7 +260,7 @@ def encoder_fns(trained: Trained):
         (trained.audio_ae, "audio", _encode_audio),
     ):
         if part is not None:
-            fns[mod] = functools.partial(encode, *nnx.split(part.model()))
+            fns[mod] = functools.partial(encode, *_host_params(part))
     return fns
 
 
@@ -263,13 +279,50 @@ def _cache_tag(config, data: Data, trained: Trained) -> dict:
         "vae_step": trained.vae.step if trained.vae is not None else None,
         "audio_step": trained.audio_ae.step if trained.audio_ae is not None else None,
         "data": {
-            "clips": {split: len(data.split(split)) for split in data.splits()},
-            "bucket": [int(x) for x in d.buckets[0]],
-            "fps": float(d.fps),
-            "caption_len": int(d.caption_len),
+            "clips": dict(data.counts),
+            "decoded": data.tag,
             "vocab_size": int(d.vocab_size),
         },
     }
+
+
+ENCODE_BATCH = 64  # clips per encoder call while caching (one compiled shape)
+
+
+def _encode_padded(fn, x: np.ndarray) -> np.ndarray:
+    """``fn`` on up to ENCODE_BATCH clips, padded with the last one: one compiled shape."""
+    n = len(x)
+    if n < ENCODE_BATCH:
+        x = np.concatenate([x, np.repeat(x[-1:], ENCODE_BATCH - n, 0)])
+    return np.asarray(fn(x))[:n]
+
+
+def _encode_part(data: Data, split: str, fns, writer: lc.PartWriter) -> None:
+    """This process's consecutive run of ``split``'s clips -> latent records."""
+    src = data.source(split)
+    pi, pc = jax.process_index(), jax.process_count()
+    lo, hi = len(src) * pi // pc, len(src) * (pi + 1) // pc
+    norm = data.mel_norm
+    for start in range(lo, hi, ENCODE_BATCH):
+        rows = src.read(range(start, min(hi, start + ENCODE_BATCH)))
+        n = len(rows["video"])
+        z = {"video": _encode_padded(fns["video"], rows["video"])}
+        if "audio" in fns and "audio" in rows:
+            mel = ((rows["audio"] - norm["shift"]) * norm["scale"]).astype(np.float32)
+            z["audio"] = _encode_padded(fns["audio"], mel)
+        for i in range(n):
+            writer.write(
+                {
+                    "key": rows["key"][i],
+                    "index": int(rows["index"][i]),
+                    "video": z["video"][i],
+                    "audio": z["audio"][i] if "audio" in z else None,
+                    "has_audio": bool(rows["has_audio"][i]),
+                    "tokens": rows["tokens"][i],
+                    "mask": rows["mask"][i],
+                    "caption": rows["caption"][i],
+                }
+            )
 
 
 def cache_latents(
@@ -278,14 +331,16 @@ def cache_latents(
     """Encodes every split once (latent means) and stores them with train-split statistics.
 
     Writes ``WORKDIR/latents``: ArrayRecord shards of raw latents + tokens + captions,
-    ``stats.json`` and ``latents.json`` (see :mod:`data_pipelines.latents`). The cache
-    is reused while its tag (autoencoder checkpoint steps, data shape) is unchanged.
+    ``stats.json`` and ``latents.json`` (see :mod:`data_pipelines.latents`). Every
+    process encodes a consecutive run of each split's clips and writes its own part;
+    process 0 merges the parts (record order is the split's, whatever the process
+    count) and the latent moments into the statistics. The cache is reused while its
+    tag (autoencoder checkpoint steps, decoded data) is unchanged.
 
     Args:
         shards: Write the per-clip shards (default: when ``data.dit_input`` is
             "latents"); False encodes the train split only for the statistics that the
             on-the-fly ("clips") path normalises with.
-
     """
     if trained.vae is None:
         raise UserError("the latent cache needs the video VAE; keep 'vae' in train.stages")
@@ -306,48 +361,48 @@ def cache_latents(
         return LatentCache(out_dir, lc.load_stats(out_dir), meta)
 
     t0 = time.time()
+    pi, pc = jax.process_index(), jax.process_count()
+    if pi == 0:
+        lc.clear_cache(out_dir)
+    barrier("vdiff_latents_clear")
     fns = encoder_fns(trained)
-    encoded: dict[str, dict[str, np.ndarray]] = {}
     for split in want or ["train"]:
-        arrays = data.split(split)
-        encoded[split] = {"video": _batched(fns["video"], [arrays.video], 64)}
-        if "audio" in fns:
-            encoded[split]["audio"] = _batched(fns["audio"], [arrays.mel_norm], 64)
-    stats = {
-        mod: {k: np.asarray(v) for k, v in compute_latent_stats(jnp.asarray(z)).items()}
-        for mod, z in encoded["train"].items()
-    }
-    if jax.process_index() == 0:
-        splits = {}
-        for split in want:
-            s = data.split(split)
-            splits[split] = {
-                **encoded[split],
-                "key": s.keys,
-                "index": s.indices,
-                "has_audio": s.has_audio,
-                "tokens": s.tokens,
-                "mask": s.mask,
-                "caption": s.captions,
-            }
-        lc.write_cache(out_dir, tag, splits, stats)
-    if jax.process_count() > 1:  # the others read what process 0 wrote (shared storage)
-        multihost_utils.sync_global_devices("vdiff_latent_cache")
+        writer = lc.PartWriter(
+            out_dir,
+            split,
+            pi,
+            pc,
+            moments=("video", "audio") if split == "train" else (),
+            keep_records=bool(want),
+        )
+        try:
+            _encode_part(data, split, fns, writer)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    barrier("vdiff_latents_parts")
+    if pi == 0:
+        entries = {}
+        for split in want or ["train"]:
+            entry, moments = lc.merge_parts(out_dir, split, pc)
+            if split in want:
+                entries[split] = entry
+            if split == "train":
+                stats = {mod: m.latent_stats() for mod, m in moments.items()}
+        lc.write_meta(out_dir, tag, entries, stats)
+    barrier("vdiff_latents_meta")
     meta = lc.read_meta(out_dir)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     log.info(
-        "latent cache %s written in %.1f s (%s, %.2f MB)",
+        "latent cache %s written in %.1f s by %d process(es) (%s, %.2f MB)",
         out_dir,
         time.time() - t0,
+        pc,
         ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items()) or "statistics only",
         size / 1e6,
     )
-    return LatentCache(out_dir, stats, meta)
-
-
-def normalized(raw: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Raw latents -> per-channel normalised float32 (the transformer's inputs)."""
-    return normalize(raw, stats).astype(np.float32)
+    return LatentCache(out_dir, lc.load_stats(out_dir), meta)
 
 
 def clip_encoder(config, trained: Trained, stats: LatentStats):
@@ -361,14 +416,8 @@ def clip_encoder(config, trained: Trained, stats: LatentStats):
     """
 
     def frozen(part: TrainedModel):
-        gdef, params = nnx.split(part.model())
-        host = jax.tree.map(
-            lambda x: np.asarray(
-                x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
-            ),
-            params,
-        )
-        return gdef, host
+        gdef, params = _host_params(part)
+        return gdef, jax.tree.map(np.asarray, params)
 
     def norm(z, s):
         return jax.lax.stop_gradient(normalize(z, s))
@@ -428,29 +477,41 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
     )
 
 
-def dit_arrays(config, latents: LatentCache, split: str = "train") -> dict[str, np.ndarray]:
-    """The transformer's inputs from the latent cache: normalised latents, tokens, mask."""
-    cached = lc.load_split(latents.dir, split)
-    stats = latents.stats
-    out = {
-        "video_latents": normalized(cached["video"], stats["video"]),
-        "tokens": cached["tokens"],
-        "mask": cached["mask"],
-    }
-    if config.data.audio and "audio" in cached:
-        out["audio_latents"] = normalized(cached["audio"], stats["audio"])
-        out["has_audio"] = cached["has_audio"]
-    return out
+def dit_latent_fields(config, latents: LatentCache) -> dict[str, str]:
+    """Transformer input -> latent record field, for ``data.dit_input="latents"``."""
+    fields = {"video_latents": "video", "tokens": "tokens", "mask": "mask"}
+    if config.data.audio and "audio" in latents.stats:
+        fields.update(audio_latents="audio", has_audio="has_audio")
+    return fields
 
 
-def dit_clip_arrays(config, data: Data, stats: dict, split: str = "train") -> dict:
-    """The transformer's inputs as raw clips (uint8 video, normalised mel), for "clips"."""
-    s = data.split(split)
-    out = {"video": s.video, "tokens": s.tokens, "mask": s.mask}
+def dit_latent_stream(config, latents: LatentCache, split: str = "train"):
+    """``stream_for(batch_size, seed)``: normalised latents, tokens, mask from the cache."""
+    fields = dit_latent_fields(config, latents)
+    norms = {k: latents.stats[f] for k, f in fields.items() if f in ("video", "audio")}
+
+    def stream_for(batch_size: int, seed: int):
+        return lc.cache_stream(
+            latents.dir,
+            split,
+            lc.RecordFields(fields, norms),
+            batch_size=batch_size,
+            seed=seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=int(config.data.num_workers),
+            prefetch=int(config.data.prefetch),
+        )
+
+    return stream_for
+
+
+def dit_clip_fields(config, stats: dict) -> dict[str, str]:
+    """Transformer input -> frame field, for "clips" (uint8 video, normalised mel)."""
+    fields = {"video": "video", "tokens": "tokens", "mask": "mask"}
     if config.data.audio and "audio" in stats:
-        out["mel"] = s.mel_norm
-        out["has_audio"] = s.has_audio
-    return out
+        fields.update(mel="audio", has_audio="has_audio")
+    return fields
 
 
 def train_dit(
@@ -460,7 +521,7 @@ def train_dit(
     the decoded clips, encoding each batch with the frozen autoencoders in ``trained``."""
     if dit_input(config) == "latents":
         engine = dit_engine(config, mesh)
-        arrays = dit_arrays(config, latents)
+        stream_for = dit_latent_stream(config, latents)
     else:
         if trained.vae is None:
             raise UserError(
@@ -468,8 +529,8 @@ def train_dit(
                 "'audio_ae') in train.stages"
             )
         engine = dit_engine(config, mesh, encode=clip_encoder(config, trained, latents.stats))
-        arrays = dit_clip_arrays(config, data, latents.stats)
+        stream_for = _clips(data, dit_clip_fields(config, latents.stats))
     state, summary = _run(
-        "dit", engine, arrays, config, workdir, config.train.steps, config.train.batch_size
+        "dit", engine, stream_for, config, workdir, config.train.steps, config.train.batch_size
     )
     return TrainedModel(engine, state), summary
