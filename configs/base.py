@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.num_workers = 0  # grain worker processes (0 = in-process)
     d.prefetch = 2
     # How training reads clips: "cache" decodes every clip once at the first bucket into a
-    # decoded-frames cache (DATA_ROOT/frames, ArrayRecord; ~100 KB a clip at 32x32x16) and
+    # decoded-frames cache (DATA_ROOT/frames, ArrayRecord; ~16 KB a shapes clip at 32x32x16) and
     # streams it; "stream" decodes the mp4 records in the grain workers at every step, with
     # a window drawn per step (no disk beyond the records: the path for large corpora).
     d.decode = "cache"

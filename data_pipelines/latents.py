@@ -1,26 +1,34 @@
-"""The latent cache: encoder outputs of every clip as ArrayRecord shards.
+"""Per-clip array caches as ArrayRecord shards: the latent cache and the decoded-frames cache.
 
-Layout of a cache folder (``WORKDIR/latents``)::
+Both hold one record per clip, written by every process for its own consecutive run of
+a split's clips (:class:`PartWriter`) and merged by process 0 (:func:`merge_parts`):
 
-    <split>-NNNNN-of-MMMMM.array_record   one msgpack record per clip (see below)
-    stats.json                            per-channel shift/scale of each modality
-    latents.json                          tag, per-split counts/shapes/dtypes/shards
+- the latent cache (``WORKDIR/latents``, :data:`LATENTS`, described by ``latents.json``):
+  ``video`` / ``audio`` are raw encoder means;
+- the decoded-frames cache (``DATA_ROOT/frames/<bucket>``, :data:`FRAMES`, described by
+  ``frames.json``): ``video`` is uint8 frames (T, H, W, 3), ``audio`` raw log-mel.
+
+Layout of a cache folder::
+
+    <split>.pPPPPP-of-QQQQQ-NNNNN-of-MMMMM.array_record   part P's shards (records, see below)
+    <split>.pPPPPP-of-QQQQQ.json                          part P's description and moments
+    stats.json                                            per-channel shift/scale (latents)
+    latents.json | frames.json                            tag, per-split counts/shapes/shards
 
 A record is a msgpack map (never pickle): ``key`` (str), ``index`` (int: the clip's
-record index in its split's clip shards), ``video`` and ``audio`` (raw, un-normalised
-encoder means, each ``{"dtype", "shape", "data"}`` with little-endian bytes; ``audio`` is
-nil without an audio encoder), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same
-encoding) and ``caption`` (str).
+record index in its split's clip shards), ``video`` and ``audio`` (each
+``{"dtype", "shape", "data"}`` with little-endian bytes; ``audio`` is nil when there is
+none), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same encoding) and
+``caption`` (str).
 
-``latents.json`` is written last and removed first on a rebuild, so its presence means
+The description is written last and removed first on a rebuild, so its presence means
 the shards it lists were complete. It records each shard's byte size, so a missing,
 truncated or replaced shard is reported by name before ArrayRecord reads it; a shard
 with the right size but damaged bytes fails ArrayRecord's chunk hash on read, which
 is reported the same way. Both raise :class:`~vdiff.errors.UserError`.
 
-Reading: :class:`LatentSource` is a random-access (grain-style) source over one
-split's shards; :func:`load_split` reads a whole split into arrays for in-memory
-training.
+Reading: :class:`CacheSource` is a random-access (grain-style) source over one split's
+shards; :func:`cache_stream` reads it as a training stream.
 """
 
 from __future__ import annotations
@@ -478,7 +486,7 @@ def check_split(
     return paths
 
 
-class LatentSource:
+class CacheSource:
     """Random access to one split's cache records (decoded dicts), grain-style.
 
     Args:
@@ -554,7 +562,7 @@ class LatentSource:
         return out
 
     def __repr__(self) -> str:
-        return f"LatentSource({self.split!r}, {len(self.paths)} shards, {len(self)} records)"
+        return f"CacheSource({self.split!r}, {len(self.paths)} shards, {len(self)} records)"
 
 
 # --------------------------------------------------------------------------- streaming
@@ -605,7 +613,7 @@ class _CacheLoad:
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
         if self._source is None:
-            self._source = LatentSource(*self.args)
+            self._source = CacheSource(*self.args)
         return self.transform(self._source[index])
 
 
@@ -630,7 +638,7 @@ def cache_stream(
     """
     from data_pipelines.stream import BatchStream  # grain, jax: only where shards are read
 
-    source = LatentSource(cache_dir, split, kind)
+    source = CacheSource(cache_dir, split, kind)
     return BatchStream(
         len(source),
         _CacheLoad(Path(cache_dir), split, kind, transform),

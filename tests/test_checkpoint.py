@@ -303,3 +303,15 @@ def test_data_stream_is_global_across_process_counts():
     np.testing.assert_array_equal(
         next(other)["i"], np.concatenate([next(one)["i"], next(one)["i"][:10]])
     )
+
+
+def test_resume_on_other_data_is_a_one_line_error(engine8, tmp_path):
+    """A checkpoint's stream position refers to its dataset: resuming on another says so."""
+    _train(engine8, tmp_path, 4)
+    other = tmp_path / "other"
+    w.write_dataset(other, n=256)  # other records: the saved position would mean nothing
+    with pytest.raises(UserError) as e:
+        _train(engine8, tmp_path, 8, source=w.dataset_stream(other, 32, 0, 1))
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("mlp: the checkpoint's data stream does not match")
+    assert "num_records: saved 512, now 256" in str(e.value)

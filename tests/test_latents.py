@@ -134,7 +134,7 @@ def _encoded(ae, data, split):
 
 
 def _read(cache_dir, split):
-    src = lc.LatentSource(cache_dir, split)
+    src = lc.CacheSource(cache_dir, split)
     return src.read(range(len(src)))
 
 
@@ -175,7 +175,7 @@ def test_cache_round_trips(setup):
 def test_two_parts_hold_the_records_of_one(setup, tmp_path):
     """Parts written by two processes merge into the records, order and moments of one."""
     cache = setup[-1]
-    src = lc.LatentSource(cache.dir, "train")
+    src = lc.CacheSource(cache.dir, "train")
     recs = [src[i] for i in range(len(src))]
     moments = {}
     for parts in (1, 2):
@@ -263,7 +263,7 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     with pytest.raises(
         UserError, match=r"train\.p00000-of-00001-00001-of-\d+\.array_record is missing"
     ):
-        lc.LatentSource(d, "train")
+        lc.CacheSource(d, "train")
     # The main job's reuse check says the same before training starts.
     with pytest.raises(UserError, match="is missing; remove"):
         stages.cache_latents(config, d.parent, mesh, data, ae)
@@ -271,7 +271,7 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     d, shards = fresh("truncated")
     shards[0].write_bytes(shards[0].read_bytes()[:70_000])
     with pytest.raises(UserError, match="truncated or replaced"):
-        lc.LatentSource(d, "train")
+        lc.CacheSource(d, "train")
 
     d, shards = fresh("flipped")  # same size, damaged bytes: ArrayRecord's chunk hash
     raw = bytearray(shards[0].read_bytes())
@@ -284,18 +284,18 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     d, _ = fresh("meta")
     (d / "latents.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        lc.LatentSource(d, "train")
+        lc.CacheSource(d, "train")
     with pytest.raises(UserError, match="no cache in"):
-        lc.LatentSource(tmp_path / "nothing", "train")
+        lc.CacheSource(tmp_path / "nothing", "train")
     with pytest.raises(UserError, match="no split 'val_heldout'"):
-        lc.LatentSource(src, "val_heldout")
+        lc.CacheSource(src, "val_heldout")
 
 
 def _dit_inputs(config, data, cache, rows):
     """Rows of the transformer's inputs, as its latent stream and its clip stream make them."""
     fields = stages.dit_latent_fields(config, cache)
     norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
-    cached = _rows(lc.LatentSource(cache.dir, "train"), lc.RecordFields(fields, norms), rows)
+    cached = _rows(lc.CacheSource(cache.dir, "train"), lc.RecordFields(fields, norms), rows)
     clip_fields = stages.dit_clip_fields(config, cache.stats)
     mel = {k: data.mel_norm for k, f in clip_fields.items() if f == "audio"}
     clips = _rows(data.source("train"), lc.RecordFields(clip_fields, mel), rows)
@@ -309,7 +309,7 @@ def test_latent_stream_batches_are_the_cache_rows(setup):
     fields = stages.dit_latent_fields(config, cache)
     norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
     want = _rows(
-        lc.LatentSource(cache.dir, "train"), lc.RecordFields(fields, norms), stream.last_indices
+        lc.CacheSource(cache.dir, "train"), lc.RecordFields(fields, norms), stream.last_indices
     )
     assert batch.keys() == want.keys()
     for k in want:

@@ -128,7 +128,7 @@ def test_two_processes_match_one_process(reference, devices, tmp_path):
     workdir = tmp_path
     cfg, engine = w.build(json.loads(MESH), STEPS, model=MODEL)
     stream = w.dataset_stream(workdir / "data", 32, 0, 1, model=MODEL)
-    ref_src, one_src = (lc.LatentSource(d / "data", "train") for d in (reference, workdir))
+    ref_src, one_src = (lc.CacheSource(d / "data", "train") for d in (reference, workdir))
     assert ref_src.info["parts"] == 2 and one_src.info["parts"] == 1
     ref_rows, one_rows = (src.read(range(len(src))) for src in (ref_src, one_src))
     assert ref_rows["key"] == one_rows["key"]

@@ -277,7 +277,7 @@ def test_frames_cache_holds_the_pipeline_decode_in_record_order(data, tmp_path):
         out = _frames_parts(data, tmp_path / f"p{parts}", parts)
         entry, moments = cache.merge_parts(out, "train", parts)
         cache.write_meta(out, {}, {"train": entry}, {}, cache.FRAMES)
-        caches[parts] = cache.LatentSource(out, "train", cache.FRAMES)
+        caches[parts] = cache.CacheSource(out, "train", cache.FRAMES)
         assert "audio" in moments  # the train split's log-mel moments, for normalising
     src = caches[1]
     keys = [src[i]["key"] for i in range(len(src))]

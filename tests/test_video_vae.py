@@ -262,8 +262,7 @@ def test_random_crops_are_aligned_slices_of_each_clip():
 def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
     """The main job's video-VAE stage on 16 random 8-frame 16x16 clips, 4 steps, checkpoints
     every 2."""
-    from types import SimpleNamespace
-
+    from data_pipelines.stream import BatchStream
     from vdiff.config import load_config
     from vdiff.parallel.mesh import make_mesh
     from vdiff.train.checkpoint import Checkpointer
@@ -273,7 +272,16 @@ def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
     config = load_config("tiny:smoke", [*small, "vae.steps=4", "train.ckpt_every=2", *overrides])
     mesh = make_mesh(config)
     video = np.random.default_rng(0).integers(0, 256, (16, 8, 16, 16, 3), dtype=np.uint8)
-    data = SimpleNamespace(train=SimpleNamespace(video=video))
+
+    class Data:  # the stage's one call into vdiff.train.data.Data, over these clips
+        def stream(self, split, fields, *, batch_size, seed):
+            assert split == "train" and fields == {"video": "video"}
+            return BatchStream(
+                len(video), lambda pos, i: {"video": video[i]}, batch_size=batch_size,
+                seed=seed, process_index=0, process_count=1,
+            )  # fmt: skip
+
+    data = Data()
     trained, summary = train_video_vae(config, tmp_path / name, mesh, data)
     engine, state = trained.engine, trained.state
     leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s["params"])]  # noqa: E731

@@ -6,8 +6,8 @@ The clip shards hold encoded mp4. ``data.decode`` says how training reads them:
   raw log-mel, caption tokens) into a decoded-frames cache, ArrayRecord shards under
   ``DATA_ROOT/frames/<bucket>``, written by every process for its own run of records at
   once and merged by process 0; each stage streams it. Decoding once instead of every
-  epoch is what keeps the main job inside its time budget; the cache costs disk (about
-  100 KB a clip at 32x32x16) and the OS page cache does the rest.
+  epoch is what keeps the main job inside its time budget; the cache costs disk (100 KB
+  of arrays a clip at 32x32x16 before ArrayRecord's compression) and the OS page cache does the rest.
 - ``"stream"``: the grain workers decode the mp4 records at every step
   (:func:`data_pipelines.pipeline.make_pipeline`), with a window drawn per step; nothing
   is written beyond the records, which is what a corpus of millions of clips needs.
@@ -54,6 +54,8 @@ SPLITS = ("train", "val", "val_heldout")
 DECODE_MODES = ("cache", "stream")
 # With data.decode="stream": train clips whose log-mel gives the normalisation statistics.
 MEL_STATS_CLIPS = 512
+# Clips decoded ahead of the writer: memory stays bounded whatever the split's size.
+DECODE_WINDOW = 64
 
 
 @dataclasses.dataclass
@@ -109,23 +111,24 @@ class DecodedClips:
 
     def records(self, indices: Sequence[int], progress: str | None = None):
         """The good records of ``indices`` in order, decoded by a few threads (PyAV
-        releases the GIL)."""
-        with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-            results = pool.map(self.decode, indices)
-            for rec, reason in tqdm(
-                results,
-                total=len(indices),
-                desc=progress,
-                disable=progress is None,
-                mininterval=2.0,
-            ):
-                if reason is not None:
-                    self.skipped[reason] = self.skipped.get(reason, 0) + 1
-                else:
-                    yield rec
+        releases the GIL), at most :data:`DECODE_WINDOW` clips in flight."""
+        indices = list(indices)
+        with (
+            concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
+            tqdm(
+                total=len(indices), desc=progress, disable=progress is None, mininterval=2.0
+            ) as bar,
+        ):
+            for start in range(0, len(indices), DECODE_WINDOW):
+                for rec, reason in pool.map(self.decode, indices[start : start + DECODE_WINDOW]):
+                    bar.update(1)
+                    if reason is not None:
+                        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                    else:
+                        yield rec
 
     def read(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The good records of ``indices`` stacked, as :meth:`LatentSource.read` gives them."""
+        """The good records of ``indices`` stacked, as :meth:`CacheSource.read` gives them."""
         return stack_records(list(self.records(list(indices))))
 
 
@@ -161,7 +164,7 @@ class Data:
     def source(self, split: str):
         """Random access to ``split``'s decoded-frames records (``len``, ``read``)."""
         if self.frames is not None:
-            return cache.LatentSource(self.frames, split, cache.FRAMES)
+            return cache.CacheSource(self.frames, split, cache.FRAMES)
         return DecodedClips(self.records / split, self.config, self.tokenizer)
 
     @property

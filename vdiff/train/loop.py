@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipelines.stream import pick_state
+from vdiff.errors import UserError
 from vdiff.parallel.mesh import to_global
 from vdiff.train.batch_source import BatchSource
 from vdiff.train.checkpoint import Checkpointer
@@ -53,7 +54,10 @@ def _restore_position(name: str, source: BatchSource, data_state: dict) -> None:
             "%s: the checkpoint holds no data stream position; the stream starts over", name
         )
         return
-    source.set_state(pick_state(processes, jax.process_index(), jax.process_count()))
+    try:
+        source.set_state(pick_state(processes, jax.process_index(), jax.process_count()))
+    except ValueError as e:  # another dataset or seed than the checkpoint's
+        raise UserError(f"{name}: {e}") from e
 
 
 class PreemptedError(Exception):
