@@ -47,6 +47,12 @@ def test_report_has_metrics_controls_and_clips(workdir):
         "control.shuffled.sync_f1",
     ):
         assert key in metrics, key
+    # The sweeps' held-out loss on the val clips: video + audio_loss_weight * audio.
+    flow = {k: metrics[k] for k in ("flow_loss_val", "flow_loss_val_video", "flow_loss_val_audio")}
+    assert all(np.isfinite(v) and v > 0 for v in flow.values()), flow
+    assert flow["flow_loss_val"] == pytest.approx(
+        flow["flow_loss_val_video"] + flow["flow_loss_val_audio"]
+    )  # tiny:smoke keeps diffusion.audio_loss_weight at 1
     # The oracle must recognise ground truth and fall on shuffled captions.
     assert metrics["control.gt.colour_acc"] >= 0.99
     assert metrics["control.shuffled.colour_acc"] < 0.6
