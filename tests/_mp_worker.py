@@ -227,6 +227,68 @@ class RecordingSource:
         self.source.close()
 
 
+def cache_latents(args) -> int:
+    """``--task latents``: the latent-cache stage of every process over a decoded-frames
+    cache of random clips (written part by part by the processes), with a fresh VAE."""
+    import jax
+    import numpy as np
+
+    from data_pipelines import latents as lc
+    from vdiff.train import distributed, stages
+    from vdiff.train.data import Data
+    from vdiff.train.distributed import barrier
+    from vdiff.train.trained import Trained, TrainedModel
+
+    distributed.initialize()
+    cfg = dit_config(build_config(json.loads(args.mesh)))
+    cfg.vae.channels = 8
+    mesh = make_mesh_for(cfg)
+    workdir = Path(args.workdir)
+    frames = workdir / "frames"
+    pi, pc = jax.process_index(), jax.process_count()
+    if pi == 0:
+        lc.clear_cache(frames, lc.FRAMES)
+    barrier("worker_frames_clear")
+    h, w, t = cfg.data.buckets[0]
+    counts = {"train": 20, "val": 6}
+    for split, n in counts.items():
+        writer = lc.PartWriter(frames, split, pi, pc)
+        for i in range(n * pi // pc, n * (pi + 1) // pc):
+            rng = np.random.default_rng([i, len(split)])
+            writer.write(
+                {"key": f"{split}{i:03d}", "index": i, "caption": f"clip {i}",
+                 "video": rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), "audio": None,
+                 "has_audio": False, "tokens": np.arange(8, dtype=np.int32) + i,
+                 "mask": np.ones(8, bool)}
+            )  # fmt: skip
+        writer.close()
+    barrier("worker_frames_parts")
+    if pi == 0:
+        entries = {split: lc.merge_parts(frames, split, pc)[0] for split in counts}
+        lc.write_meta(frames, {}, entries, {}, lc.FRAMES, {"mel_stats": {"mean": 0, "std": 1}})
+    barrier("worker_frames_meta")
+    data = Data(
+        config=cfg, root=workdir, records=workdir, frames=frames, tokenizer=None,
+        mel_stats={"mean": 0.0, "std": 1.0}, counts=counts, tag={"worker": True},
+    )  # fmt: skip
+    engine = stages.video_vae_engine(cfg, mesh)
+    trained = Trained(vae=TrainedModel(engine, engine.init(0)))
+    stages.ENCODE_BATCH = 4  # several encoder calls per process's part
+    cache = stages.cache_latents(cfg, workdir, mesh, data, trained, shards=True)
+    print(f"worker {pi}: latent cache {sorted(cache.meta['splits'])}", flush=True)
+    return 0
+
+
+def make_mesh_for(cfg):
+    import math
+
+    import jax
+
+    from vdiff.parallel.mesh import make_mesh
+
+    return make_mesh(cfg, jax.devices()[: math.prod(cfg.mesh.shape.values())])
+
+
 def train(args) -> int:
     import jax
     import numpy as np
@@ -284,6 +346,7 @@ def main() -> int:
     p.add_argument("--ckpt-every", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--mesh", default='{"data": 8}', help='JSON axis sizes, e.g. {"fsdp": 8}')
+    p.add_argument("--task", choices=("train", "latents"), default="train")
     p.add_argument("--model", choices=("mlp", "dit"), default="mlp")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--keep-every", type=int, default=0)
@@ -305,7 +368,7 @@ def main() -> int:
     )
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return train(args)
+    return cache_latents(args) if args.task == "latents" else train(args)
 
 
 if __name__ == "__main__":

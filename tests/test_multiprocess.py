@@ -193,6 +193,33 @@ def test_two_process_checkpoint_restores_on_one_process(reference, devices):
 
 
 @pytest.mark.multiprocess
+def test_latent_cache_by_two_processes_holds_the_records_of_one(tmp_path):
+    """Each process encodes its own run of clips into its own part; process 0 merges: the
+    cache lists the records, in order, and the statistics of the one-process cache."""
+    from data_pipelines import latents as lc
+
+    for nproc in (2, 1):
+        cmd = _cmd(tmp_path / f"p{nproc}", nproc=nproc)
+        cmd = [*cmd[: cmd.index("--steps")], "--task", "latents", "--mesh", MESH]
+        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    two, one = (tmp_path / f"p{n}" / "latents" for n in (2, 1))
+    for split in ("train", "val"):
+        a, b = lc.CacheSource(two, split), lc.CacheSource(one, split)
+        assert a.info["parts"] == 2 and b.info["parts"] == 1
+        ra, rb = a.read(range(len(a))), b.read(range(len(b)))
+        assert ra["key"] == rb["key"] and len(ra["key"]) == {"train": 20, "val": 6}[split]
+        for k in ("index", "tokens", "mask"):
+            np.testing.assert_array_equal(ra[k], rb[k])
+        # Host copies of the weights on one device against the weights sharded over eight:
+        # the same encoder up to float32 summation order.
+        np.testing.assert_allclose(ra["video"], rb["video"], rtol=1e-5, atol=1e-5)
+    sa, sb = lc.load_stats(two), lc.load_stats(one)
+    for k in ("shift", "scale"):
+        np.testing.assert_allclose(sa["video"][k], sb["video"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
 def test_sigkill_then_relaunch_is_bitwise_equal(reference, tmp_path):
     """SIGKILL one process mid-training; the same command again ends bit-identical."""
     p = _start(tmp_path)
