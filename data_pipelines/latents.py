@@ -553,16 +553,23 @@ class CacheSource:
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Records ``indices`` stacked into arrays (``key`` and ``caption`` as lists)."""
-        recs = self.__getitems__(list(indices))
-        out: dict[str, Any] = {f: np.stack([r[f] for r in recs]) for f in self.info["shapes"]}
-        out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
-        out["index"] = np.asarray([r["index"] for r in recs], np.int64)
-        out["key"] = [r["key"] for r in recs]
-        out["caption"] = [r["caption"] for r in recs]
-        return out
+        return stack_records(self.__getitems__(list(indices)))
 
     def __repr__(self) -> str:
         return f"CacheSource({self.split!r}, {len(self.paths)} shards, {len(self)} records)"
+
+
+def stack_records(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Records (as :func:`decode_latent_record` gives them) stacked like a batch: each
+    array field the records hold, ``has_audio``, ``index``; ``key`` and ``caption`` as lists."""
+    out: dict[str, Any] = {
+        f: np.stack([r[f] for r in recs]) for f in ARRAY_FIELDS if recs[0].get(f) is not None
+    }
+    out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
+    out["index"] = np.asarray([r["index"] for r in recs], np.int64)
+    out["key"] = [r["key"] for r in recs]
+    out["caption"] = [r["caption"] for r in recs]
+    return out
 
 
 # --------------------------------------------------------------------------- streaming

@@ -129,20 +129,10 @@ class DecodedClips:
 
     def read(self, indices: Sequence[int]) -> dict[str, Any]:
         """The good records of ``indices`` stacked, as :meth:`CacheSource.read` gives them."""
-        return stack_records(list(self.records(list(indices))))
-
-
-def stack_records(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    if not recs:
-        raise UserError("no clip of the requested ones decodes at the bucket")
-    out: dict[str, Any] = {
-        f: np.stack([r[f] for r in recs]) for f in cache.ARRAY_FIELDS if recs[0].get(f) is not None
-    }
-    out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
-    out["index"] = np.asarray([r["index"] for r in recs], np.int64)
-    out["key"] = [r["key"] for r in recs]
-    out["caption"] = [r["caption"] for r in recs]
-    return out
+        recs = list(self.records(list(indices)))
+        if not recs:
+            raise UserError("no clip of the requested ones decodes at the bucket")
+        return cache.stack_records(recs)
 
 
 @dataclasses.dataclass
