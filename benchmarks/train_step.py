@@ -1,7 +1,10 @@
-"""Transformer train-step speed: step time, tokens/s, model TFLOP/s and MFU, per config.
+"""Transformer train-step speed: compile time, step time, tokens/s, TFLOP/s and MFU, per
+config and shape bucket.
 
-For each config the DiT train step (the shared Engine, cached-latent batches of
-random numbers with the config's shapes) is compiled, run ``--warmup`` times, then
+For each config and each of its buckets (``data.buckets``, with the batch the training
+run gives that bucket: ``data.bucket_batch`` or the token budget) the DiT train step
+(the shared Engine, cached-latent batches of random numbers with the bucket's shapes)
+is compiled (timed: what the warm-up before step 1 costs), run ``--warmup`` times, then
 timed ``--steps`` times (each step synchronised); the median is reported. Model
 FLOPs come from the analytic count in :mod:`vdiff.models.flops` (matmuls only, no
 remat); MFU divides the achieved model FLOP/s by the dense-matmul peak that *this
@@ -11,9 +14,10 @@ compiled step's ``memory_analysis()``.
 
     python benchmarks/train_step.py                      # CPU: tiny and a shrunk dit_s
     python benchmarks/train_step.py --configs dit_b dit_l  # on a GPU
+    python benchmarks/train_step.py --configs dit_s:128    # its three 128-pixel buckets
 
-On CPU, ``dit_s`` is shrunk to 8 frames and batch 4 (``--cpu-shrink``, on by default
-there) so the run takes minutes; the shapes used are printed and saved. Writes
+On CPU, ``dit_s`` is shrunk to 8 frames at 64 pixels (``dit_s:128``'s buckets to half
+size) and batch 4 (``--cpu-shrink``, on by default there) so the run takes minutes; the shapes used are printed and saved. Writes
 ``train_step_<platform>.json`` under ``--out`` and prints a table.
 """
 
@@ -31,7 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CPU_SHRINK = {"dit_s": {"data.frames": 8, "train.batch_size": 4}}
+CPU_SHRINK = {
+    "dit_s": {"data.buckets": "((64,64,8),)", "train.batch_size": 4},
+    # Square, landscape and portrait: the three 128-pixel buckets at half size.
+    "dit_s:128": {"data.buckets": "((64,64,8),(48,64,8),(64,48,8))", "train.batch_size": 4},
+}
 
 
 def machine() -> dict:
@@ -62,19 +70,21 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
     return 2.0 * n**3 / statistics.median(times)
 
 
-def shapes(cfg) -> dict:
-    """Latent and token counts of one training example of ``cfg``."""
+def shapes(cfg, bucket) -> dict:
+    """Latent and token counts of one training example of ``bucket`` (h, w, frames)."""
+    from data_pipelines.pipeline import audio_frame_multiple, mel_frames
     from vdiff.models.video_vae import latent_frames
 
     d = cfg.data
-    lt = latent_frames(d.frames, cfg.vae.temporal_down)
-    s = d.resolution // cfg.vae.spatial_down
-    ta = round(d.frames / d.fps * d.sample_rate / d.hop / cfg.audio_ae.time_down) if d.audio else 0
-    ta -= ta % cfg.model.audio_patch
+    h, w, frames = bucket
+    lt = latent_frames(frames, cfg.vae.temporal_down)
+    sd = cfg.vae.spatial_down
+    mel = mel_frames(frames, d.fps, d.sample_rate, d.hop, audio_frame_multiple(cfg))
+    ta = mel // cfg.audio_ae.time_down if d.audio else 0
     pt, ph, pw = cfg.model.patch
-    video_tokens = (lt // pt) * (s // ph) * (s // pw)
+    video_tokens = (lt // pt) * (h // sd // ph) * (w // sd // pw)
     return {
-        "video_latents": (lt, s, s, cfg.vae.latent_channels),
+        "video_latents": (lt, h // sd, w // sd, cfg.vae.latent_channels),
         "audio_latents": (ta, cfg.audio_ae.latent_channels) if ta else None,
         "video_tokens": video_tokens,
         "audio_tokens": ta // cfg.model.audio_patch,
@@ -82,13 +92,13 @@ def shapes(cfg) -> dict:
     }
 
 
-def synthetic_batch(cfg, shp: dict) -> dict:
-    b = cfg.train.batch_size
+def synthetic_batch(cfg, shp: dict, b: int) -> dict:
     rng = np.random.default_rng(0)
     batch = {
         "video_latents": rng.standard_normal((b, *shp["video_latents"])).astype(np.float32),
         "tokens": rng.integers(4, cfg.data.vocab_size, (b, cfg.data.caption_len)).astype(np.int32),
         "mask": np.arange(cfg.data.caption_len)[None] < rng.integers(4, 33, (b, 1)),
+        "fps": np.full((b,), cfg.data.fps, np.float32),  # each clip's frame rate, as in training
     }
     if shp["audio_latents"]:
         batch["audio_latents"] = rng.standard_normal((b, *shp["audio_latents"])).astype(np.float32)
@@ -96,63 +106,69 @@ def synthetic_batch(cfg, shp: dict) -> dict:
     return batch
 
 
-def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> dict:
+def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> list[dict]:
     from vdiff.config import load_config
     from vdiff.models.flops import train_flops_per_example
     from vdiff.parallel.mesh import make_mesh
-    from vdiff.train.stages import dit_engine
+    from vdiff.train.stages import dit_engine, stage_batches
 
     cfg = load_config(name, [f"{k}={v}" for k, v in overrides.items()])
     mesh = make_mesh(cfg)
     engine = dit_engine(cfg, mesh)
-    shp = shapes(cfg)
-    batch = synthetic_batch(cfg, shp)
+    sizes = stage_batches(cfg, engine, cfg.train.batch_size, tuple(cfg.data.bucket_batch))
     state = engine.init(0)
-    t = time.perf_counter()
-    compiled = engine.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
-    mem = compiled.memory_analysis()
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        state, metrics = engine.step(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    b = cfg.train.batch_size
-    lt, hl, wl, _ = shp["video_latents"]
-    flops = b * train_flops_per_example(
-        cfg, (lt, hl, wl), shp["audio_latents"] and shp["audio_latents"][0], shp["text_tokens"]
-    )
     dtype = jnp.dtype(cfg.train.compute_dtype)
     peak = matmul_peak(dtype, peak_n) * jax.device_count()
-    joint = shp["video_tokens"] + shp["audio_tokens"] + shp["text_tokens"]
-    return {
-        "config": name,
-        "overrides": overrides,
-        "mesh": dict(mesh.shape),
-        "batch_size": b,
-        "compute_dtype": dtype.name,
-        "remat": cfg.train.remat,
-        "shapes": shp,
-        "joint_tokens_per_example": joint,
-        "step_s_median": step_s,
-        "step_s_all": times,
-        "compile_s": compile_s,
-        "tokens_per_s": b * joint / step_s,
-        "video_tokens_per_s": b * shp["video_tokens"] / step_s,
-        "model_tflop_per_step": flops / 1e12,
-        "model_tflop_per_s": flops / step_s / 1e12,
-        "matmul_peak_tflop_per_s": peak / 1e12,
-        "mfu": flops / step_s / peak,
-        "per_device_bytes": {
-            "arguments": mem.argument_size_in_bytes,
-            "outputs": mem.output_size_in_bytes,
-            "temp": mem.temp_size_in_bytes,
-        },
-        "final_loss": float(metrics["loss"]),
-    }
+    rows = []
+    for bucket in cfg.data.buckets:
+        bname = "x".join(str(int(x)) for x in bucket)
+        b = sizes[bname] * jax.process_count()
+        shp = shapes(cfg, bucket)
+        batch = synthetic_batch(cfg, shp, b)
+        t = time.perf_counter()
+        compiled = engine.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
+        mem = compiled.memory_analysis()
+        times = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            state, metrics = engine.step(state, batch)
+            jax.block_until_ready((state, metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        step_s = statistics.median(times)
+        lt, hl, wl, _ = shp["video_latents"]
+        flops = b * train_flops_per_example(
+            cfg, (lt, hl, wl), shp["audio_latents"] and shp["audio_latents"][0], shp["text_tokens"]
+        )
+        joint = shp["video_tokens"] + shp["audio_tokens"] + shp["text_tokens"]
+        rows.append({
+            "config": name,
+            "bucket": bname,
+            "overrides": overrides,
+            "mesh": dict(mesh.shape),
+            "batch_size": b,
+            "compute_dtype": dtype.name,
+            "remat": cfg.train.remat,
+            "shapes": shp,
+            "joint_tokens_per_example": joint,
+            "step_s_median": step_s,
+            "step_s_all": times,
+            "compile_s": compile_s,
+            "tokens_per_s": b * joint / step_s,
+            "video_tokens_per_s": b * shp["video_tokens"] / step_s,
+            "model_tflop_per_step": flops / 1e12,
+            "model_tflop_per_s": flops / step_s / 1e12,
+            "matmul_peak_tflop_per_s": peak / 1e12,
+            "mfu": flops / step_s / peak,
+            "per_device_bytes": {
+                "arguments": mem.argument_size_in_bytes,
+                "outputs": mem.output_size_in_bytes,
+                "temp": mem.temp_size_in_bytes,
+            },
+            "final_loss": float(metrics["loss"]),
+        })  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -176,18 +192,18 @@ def main() -> None:
         overrides = dict(CPU_SHRINK.get(name, {})) if args.cpu_shrink else {}
         overrides.update(kv.split("=", 1) for kv in args.set)
         print(f"{name}: {overrides or 'config as is'} ...", flush=True)
-        rows.append(bench(name, overrides, args.steps, args.warmup, args.peak_n))
+        rows.extend(bench(name, overrides, args.steps, args.warmup, args.peak_n))
     info = machine()
     print(
         f"\n{info['device_kind']} x{info['device_count']} ({info['backend']}, jax {info['jax']}), load {info['load_average_1m']:.1f}"
     )
-    head = f"{'config':>8} {'batch':>5} {'tokens':>6} {'dtype':>8} {'step s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'peak':>7} {'MFU':>6} {'args MB':>8} {'temp MB':>8}"
+    head = f"{'config':>8} {'bucket':>11} {'batch':>5} {'tokens':>6} {'dtype':>8} {'compile s':>9} {'step s':>7} {'tok/s':>8} {'TFLOP/s':>8} {'peak':>7} {'MFU':>6} {'args MB':>8} {'temp MB':>8}"
     print(head)
     for r in rows:
         mb = {k: v / 2**20 for k, v in r["per_device_bytes"].items()}
         print(
-            f"{r['config']:>8} {r['batch_size']:>5} {r['joint_tokens_per_example']:>6} {r['compute_dtype']:>8} "
-            f"{r['step_s_median']:7.3f} {r['tokens_per_s']:8.0f} {r['model_tflop_per_s']:8.3f} "
+            f"{r['config']:>8} {r['bucket']:>11} {r['batch_size']:>5} {r['joint_tokens_per_example']:>6} {r['compute_dtype']:>8} "
+            f"{r['compile_s']:9.1f} {r['step_s_median']:7.3f} {r['tokens_per_s']:8.0f} {r['model_tflop_per_s']:8.3f} "
             f"{r['matmul_peak_tflop_per_s']:7.3f} {r['mfu']:6.1%} {mb['arguments']:8.1f} {mb['temp']:8.1f}"
         )
     out = Path(args.out)

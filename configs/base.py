@@ -17,9 +17,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.root = ""  # ArrayRecord folder for name="records"; default WORKDIR/data
     d.num_train = 2048  # shapes clips in the train split
     d.num_val = 128
-    d.resolution = 32  # shapes clips are square
-    d.frames = 16  # frames per training clip
-    d.fps = 8.0
+    d.resolution = 32  # side of the rendered shapes clips (square)
+    d.frames = 16  # frames of a rendered shapes clip (training shapes: data.buckets)
+    d.fps = 8.0  # frame rate the frame stride aims at (each clip keeps its own, see buckets.py)
     d.max_shapes = 3  # shapes per clip (1..max_shapes)
     d.synth_workers = 2  # processes for synth and ingest
     d.audio = True
@@ -28,7 +28,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.hop = 160
     d.caption_len = 32  # tokens after pad/truncate
     d.vocab_size = 512  # sentencepiece vocabulary
-    d.buckets = ((32, 32, 16),)  # (height, width, frames) buckets
+    # (height, width, frames) shapes a clip can train at; each clip goes to the bucket
+    # nearest its aspect ratio, then the longest it can fill; frames=1 buckets take images.
+    # Every bucket divides by vae.spatial_down x model.patch (height, width); the first is
+    # what sampling, export and the report default to.
+    d.buckets = ((32, 32, 16),)
+    # Global transformer batch per bucket; () = keep a step's tokens near train.batch_size
+    # clips of the first bucket (the autoencoder stages scale their batches the same way).
+    d.bucket_batch = ()
+    # Share of steps on image (frames=1) buckets; -1 = their share of the data.
+    d.image_share = -1.0
     d.num_workers = 0  # grain worker processes (0 = in-process)
     d.prefetch = 2
     # How training reads clips: "cache" decodes every clip once at the first bucket into a

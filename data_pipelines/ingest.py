@@ -1,6 +1,8 @@
 """``vdiff data ingest``: a folder of videos + captions -> ArrayRecord shards + manifest.
 
-Input layout: videos anywhere under a folder plus a captions file, either jsonl (one
+Input layout: videos (any container PyAV reads) and still images (jpg, png, webp: each
+becomes a 1-frame record with ``fps`` and ``duration`` 0, which trains in the 1-frame
+buckets) anywhere under a folder plus a captions file, either jsonl (one
 ``{"video": ..., "caption": ...}`` object a line) or csv (columns ``video``, ``caption``).
 Video paths are relative to the captions file's folder. The shapes dataset's layout
 ``SRC/{split}/captions.jsonl`` (+ ``meta.jsonl``) is read with ``split=...``.
@@ -270,18 +272,19 @@ def _process(job: tuple[Item, str, _Options]) -> tuple[bytes | None, str, str]:
             return None, UNREADABLE, str(e)
         info = video_io.probe(data, verify=True)
         too_big = opts.max_resolution and min(info.height, info.width) > opts.max_resolution
-        if opts.reencode or too_big:
+        if (opts.reencode or too_big) and info.num_frames > 1:  # stills are kept as they are
             data = video_io.transcode(data, max_resolution=opts.max_resolution, gop=opts.gop)
             info = video_io.probe(data)
+        image = info.num_frames == 1  # a still (jpg, png, webp): a 1-frame record, no time
         record = {
             "key": key,
             "video": data,
             "caption": item.caption,
-            "fps": info.fps,
+            "fps": 0.0 if image else info.fps,
             "num_frames": info.num_frames,
             "width": info.width,
             "height": info.height,
-            "duration": info.duration,
+            "duration": 0.0 if image else info.duration,
             "has_audio": info.has_audio,
             "meta": item.meta,
         }

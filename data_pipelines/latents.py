@@ -18,8 +18,8 @@ Layout of a cache folder::
 A record is a msgpack map (never pickle): ``key`` (str), ``index`` (int: the clip's
 record index in its split's clip shards), ``video`` and ``audio`` (each
 ``{"dtype", "shape", "data"}`` with little-endian bytes; ``audio`` is nil when there is
-none), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same encoding) and
-``caption`` (str).
+none), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same encoding),
+``caption`` (str) and ``fps`` (float: the clip's frame rate; frame ``i`` is at ``i / fps`` s).
 
 The description is written last and removed first on a rebuild, so its presence means
 the shards it lists were complete. It records each shard's byte size, so a missing,
@@ -49,7 +49,7 @@ from vdiff.manifest import atomic_write_text, read_versioned_json
 META = "latents.json"
 STATS = "stats.json"
 FORMAT = "vdiff.latents"
-VERSION = 1
+VERSION = 2  # 2: records carry each clip's frame rate (fps)
 # ArrayRecord pads each file to 64 KiB blocks, so many tiny shards waste space; large
 # shards are still read record by record (group_size 1).
 SHARD_BYTES = 128 << 20
@@ -104,6 +104,7 @@ def encode_latent_record(rec: Mapping[str, Any]) -> bytes:
             "tokens": pack_array(rec["tokens"]),
             "mask": pack_array(rec["mask"]),
             "caption": str(rec["caption"]),
+            "fps": float(rec["fps"]),
         },
         use_bin_type=True,
     )
@@ -119,7 +120,7 @@ def decode_latent_record(data: bytes) -> dict[str, Any]:
         rec = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (msgpack.UnpackException, ValueError, TypeError) as e:
         raise LatentRecordError(f"not msgpack: {e}") from e
-    want = {"key", "index", "video", "audio", "has_audio", "tokens", "mask", "caption"}
+    want = {"key", "index", "video", "audio", "has_audio", "tokens", "mask", "caption", "fps"}
     if not isinstance(rec, dict) or set(rec) != want:
         got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
         raise LatentRecordError(f"expected fields {sorted(want)}, got {got}")
@@ -238,7 +239,8 @@ class PartWriter:
         """Appends one record (fields as :func:`encode_latent_record` takes them)."""
         for f in self._moments_fields:
             x = rec.get(f)
-            if x is not None:
+            # A clip without sound holds silence in its audio field: not a statistic of sound.
+            if x is not None and (f != "audio" or rec.get("has_audio", True)):
                 self.moments.setdefault(f, Moments(np.shape(x)[-1])).add(np.asarray(x))
         if not self.keep_records:
             self.count += 1  # clips seen: the moments' count of clips
@@ -567,6 +569,7 @@ def stack_records(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
     out["index"] = np.asarray([r["index"] for r in recs], np.int64)
+    out["fps"] = np.asarray([r["fps"] for r in recs], np.float32)
     out["key"] = [r["key"] for r in recs]
     out["caption"] = [r["caption"] for r in recs]
     return out

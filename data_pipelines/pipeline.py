@@ -1,20 +1,21 @@
-"""Clips decoded from ArrayRecord mp4 shards, as per-process training batches.
+"""Clips decoded from ArrayRecord mp4 shards, as per-process batches of one bucket.
 
-Per process::
+Per process, per bucket (:mod:`data_pipelines.buckets`; the bucket's members come from
+:class:`~data_pipelines.clip_index.SplitBuckets`)::
 
-    the global stream (data_pipelines/stream.py): record indices, reshuffled every epoch,
-    global batch k = positions [kG, (k+1)G), this process's rows of each
-      -> load + decode one clip (a random window of `frames` frames at config.data.fps,
-         resized and centre-cropped to the step's bucket in C) -> video float32 [-1, 1]
-      -> audio of the same time window -> log-mel (frames / fps * 100 mel frames)
+    the bucket's global stream (data_pipelines/stream.py): its members, reshuffled every
+    epoch, global batch k = positions [kG, (k+1)G), this process's rows of each
+      -> load + decode one clip: `frames` whole source frames at the stride nearest
+         config.data.fps from a window start drawn from (seed, epoch, record), resized
+         to cover the bucket and centre-cropped in C -> video float32 [-1, 1], its fps
+      -> audio from the window start -> log-mel (frames / data.fps * 100 mel frames)
       -> caption tokens + mask
       -> batch (per-process batch size) -> prefetch (grain worker processes if asked)
 
-Everything is a pure function of the global stream position: its bucket is
-:func:`bucket_for_step` of ``(seed, position // G)``, its clip window is drawn from an
-RNG keyed by ``(seed, position)``. Nothing depends on which worker decodes it, so grain's
-multiprocess prefetch gives the same batches as the in-process path, every host uses the
-same bucket at the same step, and a layout change moves no clip window.
+:class:`~data_pipelines.bucket_stream.BucketedStream` then reads one bucket's stream per
+step. Everything is a pure function of the stream position and the record: nothing
+depends on which worker decodes it, so grain's multiprocess prefetch gives the same
+batches as the in-process path, and a layout change moves no clip window.
 
 Bad records (unreadable msgpack, :class:`~data_pipelines.video_io.BadVideo`, any decode
 error, a video shorter than the clip) are skipped and counted, never fatal. A skipped
@@ -24,14 +25,13 @@ filtering keeps every batch full and every host at the same number of batches pe
 which the hosts need to stay in lockstep; the counts are summed in the stream's
 ``stats["skipped"]`` (and kept in the checkpointed state).
 
-The training stages read clips through the decoded-frames cache (:mod:`vdiff.train.data`),
-which decodes each clip once with :func:`decode_example`.
+With ``data.decode="cache"`` the training stages read clips through the decoded-frames
+cache (:mod:`vdiff.train.data`), which decodes each clip once with :func:`decode_example`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ import numpy as np
 
 from data_pipelines import records, video_io
 from data_pipelines.audio import log_mel
-from data_pipelines.buckets import bucket_for_step, check_buckets
+from data_pipelines.buckets import Bucket, check_buckets, frame_stride, is_image, window_start
 from data_pipelines.stream import BatchStream, global_order
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,11 @@ _SHARD_RE = re.compile(r"(.+)-\d{5}-of-\d{5}" + re.escape(records.SUFFIX))
 # --------------------------------------------------------------------------- one clip
 
 
-def mel_frames(frames: int, fps: float, sample_rate: int, hop: int) -> int:
-    """Log-mel frames covering ``frames`` video frames (e.g. 16 at 8 fps, hop 160 @16k -> 200)."""
-    return round(frames / fps * sample_rate / hop)
-
-
-def clip_starts(duration: float, src_fps: float, clip_s: float) -> int:
-    """Number of valid clip starts on the source frame grid (0 if the video is too short)."""
-    # Small slack: containers round durations to their time base.
-    slack = 0.5 / max(src_fps, 1.0)
-    if duration + slack < clip_s:
-        return 0
-    return math.floor(max(duration - clip_s, 0.0) * src_fps + 1e-6) + 1
+def mel_frames(frames: int, fps: float, sample_rate: int, hop: int, multiple: int = 1) -> int:
+    """Log-mel frames covering ``frames`` video frames at ``fps`` (16 at 8 fps, hop 160 @16k
+    -> 200), rounded down to a ``multiple`` (the audio autoencoder's time stride), at least one."""
+    n = round(frames / fps * sample_rate / hop)
+    return max(multiple, n // multiple * multiple)
 
 
 def decode_example(
@@ -83,37 +76,58 @@ def decode_example(
     sample_rate: int = 16000,
     hop: int = 160,
     n_mels: int = 64,
-    rng: np.random.Generator | None = None,
+    mel_multiple: int = 1,
+    window: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Decodes one record into one training example.
+    """Decodes one record into one training example of a (height, width, frames) bucket.
+
+    Frames are whole source frames at the stride nearest ``fps``
+    (:func:`~data_pipelines.buckets.frame_stride`): the clip keeps its own frame rate,
+    returned as ``fps``; frame ``i`` is at ``i / fps`` seconds after the window start.
+    A 1-frame record (an image) gives its one frame.
 
     Args:
         record: A decoded record dict (see :mod:`data_pipelines.records`).
-        height, width, frames: The bucket.
-        fps: Target frame rate; the clip spans ``frames / fps`` seconds.
+        height, width, frames: The bucket (resize to cover, centre crop).
+        fps: The frame rate the stride aims at; the audio window is ``frames / fps``
+            seconds whatever the clip's own rate.
         tokenizer: Has ``encode(texts, length) -> (ids, mask)``.
         caption_len: Tokens after pad/truncate.
         audio: Whether to produce ``mel`` and ``has_audio``.
         sample_rate, hop, n_mels: Log-mel settings (``sample_rate / hop`` frames per second).
-        rng: Picks the clip start among the valid starts; None starts at 0 s.
+        mel_multiple: The log-mel length is a multiple of this (the audio AE's stride).
+        window: ``(seed, epoch, record)`` that draws the window start among the starts
+            that fit (:func:`~data_pipelines.buckets.window_start`); None starts at 0 s.
 
     Returns:
         ``video`` float32 (T, H, W, 3) in [-1, 1], ``tokens`` int32 (L,), ``mask`` bool (L,),
-        ``start_s`` float32, and with audio ``mel`` float32 (Tm, n_mels) (zeros when the
-        file has no audio) and ``has_audio`` bool.
+        ``start_s`` and ``fps`` float32, and with audio ``mel`` float32 (Tm, n_mels)
+        (zeros when the file has no audio) and ``has_audio`` bool.
 
     Raises:
-        BadVideo: If the clip cannot be decoded or is shorter than ``frames / fps``.
+        BadVideo: If the clip cannot be decoded or holds fewer than ``frames`` frames at
+            its stride.
     """
-    clip_s = frames / fps
+    image = is_image(int(record["num_frames"]))
     src_fps = float(record["fps"]) or fps
-    n_starts = clip_starts(float(record["duration"]), src_fps, clip_s)
-    if n_starts == 0:
+    stride = 1 if image else frame_stride(src_fps, fps)
+    clip_fps = fps if image else src_fps / stride
+    num = max(1, int(record["num_frames"]) or round(float(record["duration"]) * src_fps))
+    if not image and -(-num // stride) < frames:
         raise video_io.BadVideo(
-            "too_short", f"{record['duration']:.3f} s < clip {clip_s:.3f} s ({record['key']})"
+            "too_short",
+            f"{num} frames at stride {stride} < {frames} ({record['key']})",
         )
-    start_s = 0.0 if rng is None else int(rng.integers(n_starts)) / src_fps
-    video = video_io.decode_clip(record["video"], start_s, frames, fps, size=(height, width))
+    if image and frames != 1:
+        raise video_io.BadVideo(
+            "too_short", f"an image in a {frames}-frame bucket ({record['key']})"
+        )
+    first = 0
+    if window is not None and not image:
+        seed, epoch, index = window
+        first = window_start(seed, epoch, index, num_frames=num, stride=stride, frames=frames)
+    start_s = first / src_fps
+    video = video_io.decode_clip(record["video"], start_s, frames, clip_fps, size=(height, width))
     if video.shape != (frames, height, width, 3):
         raise video_io.BadVideo(video_io.DECODE_ERROR, f"decoded shape {video.shape}")
     ids, mask = tokenizer.encode([record["caption"]], caption_len)
@@ -122,12 +136,16 @@ def decode_example(
         "tokens": np.asarray(ids[0], np.int32),
         "mask": np.asarray(mask[0], bool),
         "start_s": np.float32(start_s),
+        "fps": np.float32(clip_fps),
     }
     if audio:
-        n_mel = mel_frames(frames, fps, sample_rate, hop)
+        n_mel = mel_frames(frames, fps, sample_rate, hop, mel_multiple)
         mel = np.zeros((n_mel, n_mels), np.float32)
-        if record["has_audio"]:
-            wave = video_io.decode_audio(record["video"], start_s, clip_s, sample_rate)
+        has_audio = bool(record["has_audio"]) and not image
+        if has_audio:
+            wave = video_io.decode_audio(
+                record["video"], start_s, n_mel * hop / sample_rate, sample_rate
+            )
             m = np.asarray(
                 log_mel(wave, sample_rate=sample_rate, hop=hop, n_mels=n_mels), np.float32
             )
@@ -135,7 +153,7 @@ def decode_example(
             if len(m) < n_mel:  # a log-mel without end padding can be a frame short
                 mel[len(m) :] = m[-1]
         out["mel"] = mel
-        out["has_audio"] = np.bool_(record["has_audio"])
+        out["has_audio"] = np.bool_(has_audio)
     return out
 
 
@@ -173,41 +191,48 @@ def open_split(split_root: str | Path) -> grain.sources.ArrayRecordDataSource:
 
 def frame_fields(example: dict[str, Any]) -> dict[str, Any]:
     """A :func:`decode_example` output as the fields of a decoded-frames record: ``video``
-    uint8 (T, H, W, 3), ``audio`` raw log-mel or None, ``has_audio``, ``tokens``, ``mask``."""
+    uint8 (T, H, W, 3), ``audio`` raw log-mel or None, ``has_audio``, ``tokens``, ``mask``,
+    ``fps`` (the clip's frame rate)."""
     return {
         "video": np.round((example["video"] + 1.0) * 127.5).astype(np.uint8),
         "audio": example.get("mel"),
         "has_audio": bool(example.get("has_audio", False)),
         "tokens": example["tokens"],
         "mask": example["mask"],
+        "fps": np.float32(example["fps"]),
     }
 
 
 class _LoadClip:
-    """Picklable ``load(position, record_index)`` for :class:`~data_pipelines.stream.BatchStream`:
-    one decoded example, its bucket and window a function of the global stream position."""
+    """Picklable ``load(position, j)`` for one bucket's
+    :class:`~data_pipelines.stream.BatchStream`: member ``j`` of the bucket decoded at
+    the bucket's shape, its window drawn from ``(seed, epoch, record)``."""
 
-    def __init__(self, source, order, *, settings, buckets, global_batch, seed, transform=None):
+    def __init__(self, source, members, order, *, settings, bucket: Bucket, seed, transform=None):
         self.source = source
+        self.members = members  # the bucket's record indices
         self.transform = transform  # applied to frame_fields(example) when given
-        self.order = order  # the global stream of record indices, for refills
+        self.order = order  # the bucket's stream of member positions, for refills
         self.settings = settings
-        self.buckets = buckets
-        self.global_batch = global_batch
+        self.bucket = bucket
         self.seed = seed
 
-    def __call__(self, position: int, record_index: int) -> dict[str, Any]:
-        height, width, frames = bucket_for_step(
-            self.buckets, self.seed, position // self.global_batch
-        )
-        rng = np.random.default_rng([self.seed, position])
+    def __call__(self, position: int, j: int) -> dict[str, Any]:
+        b = self.bucket
+        epoch = position // len(self.members)
         skipped, last_error = 0, None
         for attempt in range(MAX_REFILLS):
-            index = record_index if attempt == 0 else int(self.order[position + attempt])
+            m = j if attempt == 0 else int(self.order[position + attempt])
+            index = int(self.members[m])
             try:
-                record = records.decode_record(self.source[int(index)])
+                record = records.decode_record(self.source[index])
                 example = decode_example(
-                    record, height=height, width=width, frames=frames, rng=rng, **self.settings
+                    record,
+                    height=b.height,
+                    width=b.width,
+                    frames=b.frames,
+                    window=(self.seed, epoch, index),
+                    **self.settings,
                 )
             except Exception as e:  # any per-record failure skips the record, by design
                 skipped += 1
@@ -227,6 +252,12 @@ class _LoadClip:
         ) from last_error
 
 
+def audio_frame_multiple(config) -> int:
+    """Log-mel frames of a clip are a multiple of this: whole audio latents (the audio AE's
+    time stride) in whole transformer audio tokens (``model.audio_patch``)."""
+    return int(config.audio_ae.time_down) * int(config.model.audio_patch)
+
+
 def decode_settings(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
     d = config.data
     if d.fps <= 0 or d.caption_len <= 0 or d.hop <= 0 or d.sample_rate <= 0:
@@ -241,6 +272,7 @@ def decode_settings(config: ml_collections.ConfigDict, tokenizer) -> dict[str, A
         "sample_rate": int(d.sample_rate),
         "hop": int(d.hop),
         "n_mels": int(d.n_mels),
+        "mel_multiple": audio_frame_multiple(config),
     }
 
 
@@ -255,8 +287,10 @@ def make_pipeline(
     seed: int,
     worker_count: int | None = None,
     transform=None,
+    bucket: Bucket | None = None,
+    members: np.ndarray | None = None,
 ) -> BatchStream:
-    """This process's batches of clips decoded from one split's mp4 records.
+    """This process's batches of one bucket's clips, decoded from one split's mp4 records.
 
     Args:
         config: The vdiff config (reads ``config.data``).
@@ -265,37 +299,42 @@ def make_pipeline(
             ``worker_count > 0``.
         batch_size: Examples per batch on this process.
         process_index, process_count: This process's place; default from jax.
-        seed: Shuffle, bucket and clip-window seed; must be equal on every host.
+        seed: Shuffle and clip-window seed; must be equal on every host.
         worker_count: grain worker processes (default ``config.data.num_workers``; 0
             decodes in this process with reader threads).
         transform: Maps each example's :func:`frame_fields` to what the batch holds
             (e.g. :class:`data_pipelines.latents.RecordFields`, as the training stages
             use it); None keeps the fields below.
+        bucket: The (height, width, frames) of every clip; default the first of
+            ``config.data.buckets``.
+        members: The record indices of the bucket
+            (:class:`~data_pipelines.clip_index.SplitBuckets`); default every record.
 
     Returns:
         A :class:`~data_pipelines.stream.BatchStream` yielding dicts: ``video`` float32
-        (B, T, H, W, 3), ``tokens`` int32 (B, L), ``mask`` bool (B, L), ``start_s``
-        float32 (B,), ``index`` int64 (B,), ``key`` str (B,), and with
+        (B, T, H, W, 3), ``tokens`` int32 (B, L), ``mask`` bool (B, L), ``start_s`` and
+        ``fps`` float32 (B,), ``index`` int64 (B,), ``key`` str (B,), and with
         ``config.data.audio``: ``mel`` float32 (B, Tm, n_mels), ``has_audio`` bool (B,).
         Its ``stats["skipped"]`` counts the bad records refilled so far.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     worker_count = int(config.data.num_workers if worker_count is None else worker_count)
-    buckets = check_buckets(config.data.buckets)
+    bucket = bucket or check_buckets(config.data.buckets)[0]
     settings = decode_settings(config, tokenizer)
     source = open_split(split_root)
+    members = np.arange(len(source)) if members is None else np.asarray(members, np.int64)
     load = _LoadClip(
         source,
-        global_order(len(source), seed),
+        members,
+        global_order(len(members), seed),
         settings=settings,
-        buckets=buckets,
-        global_batch=batch_size * process_count,
+        bucket=bucket,
         seed=seed,
         transform=transform,
     )
     return BatchStream(
-        len(source),
+        len(members),
         load,
         batch_size=batch_size,
         seed=seed,
@@ -303,6 +342,6 @@ def make_pipeline(
         process_count=process_count,
         worker_count=worker_count,
         prefetch=int(config.data.prefetch),
-        fingerprint={"buckets": [list(b) for b in buckets]},
+        fingerprint={"bucket": bucket.name, "fps": float(config.data.fps)},
         count_key="skipped",
     )

@@ -146,7 +146,7 @@ def _record(i: int, model: str) -> dict:
         x = rng.standard_normal(latent_shape(dit_config(load_config("tiny")))).astype(np.float32)
         y, tokens = None, rng.integers(4, 300, 8).astype(np.int32)
     return {"key": f"row{i:04d}", "index": i, "video": x, "audio": y, "has_audio": y is not None,
-            "tokens": tokens, "mask": np.ones(len(tokens), bool), "caption": ""}  # fmt: skip
+            "tokens": tokens, "mask": np.ones(len(tokens), bool), "caption": "", "fps": 8.0}  # fmt: skip
 
 
 def write_dataset(out: Path, model: str = "mlp", n: int = 512) -> None:
@@ -234,6 +234,7 @@ def cache_latents(args) -> int:
     import numpy as np
 
     from data_pipelines import latents as lc
+    from data_pipelines.buckets import check_buckets
     from vdiff.train import distributed, stages
     from vdiff.train.data import Data
     from vdiff.train.distributed import barrier
@@ -250,26 +251,29 @@ def cache_latents(args) -> int:
         lc.clear_cache(frames, lc.FRAMES)
     barrier("worker_frames_clear")
     h, w, t = cfg.data.buckets[0]
+    bucket = f"{h}x{w}x{t}"
     counts = {"train": 20, "val": 6}
     for split, n in counts.items():
-        writer = lc.PartWriter(frames, split, pi, pc)
+        writer = lc.PartWriter(frames, f"{split}.{bucket}", pi, pc)
         for i in range(n * pi // pc, n * (pi + 1) // pc):
             rng = np.random.default_rng([i, len(split)])
             writer.write(
                 {"key": f"{split}{i:03d}", "index": i, "caption": f"clip {i}",
                  "video": rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), "audio": None,
                  "has_audio": False, "tokens": np.arange(8, dtype=np.int32) + i,
-                 "mask": np.ones(8, bool)}
+                 "mask": np.ones(8, bool), "fps": 8.0}
             )  # fmt: skip
         writer.close()
     barrier("worker_frames_parts")
     if pi == 0:
-        entries = {split: lc.merge_parts(frames, split, pc)[0] for split in counts}
+        entries = {f"{s}.{bucket}": lc.merge_parts(frames, f"{s}.{bucket}", pc)[0] for s in counts}
         lc.write_meta(frames, {}, entries, {}, lc.FRAMES, {"mel_stats": {"mean": 0, "std": 1}})
     barrier("worker_frames_meta")
     data = Data(
         config=cfg, root=workdir, records=workdir, frames=frames, tokenizer=None,
-        mel_stats={"mean": 0.0, "std": 1.0}, counts=counts, tag={"worker": True},
+        mel_stats={"mean": 0.0, "std": 1.0}, buckets=check_buckets(cfg.data.buckets),
+        members={}, bucket_counts={s: {bucket: n} for s, n in counts.items()},
+        tag={"worker": True},
     )  # fmt: skip
     engine = stages.video_vae_engine(cfg, mesh)
     trained = Trained(vae=TrainedModel(engine, engine.init(0)))

@@ -24,6 +24,8 @@ SEED = 5
 # float32 ones (measured). The bound is ~5x that; a wrong weight, a missing guidance
 # branch or a different noise draw gives errors of order 100%.
 BF16_REL_RMS = 0.05
+# The square training shape first (the default), then a portrait and a landscape bucket.
+BUCKETS = ((32, 32, 16), (48, 32, 8), (32, 48, 8))
 
 
 def _random_state(engine, rng):
@@ -64,6 +66,7 @@ def workdir(tmp_path_factory):
 
     wd = tmp_path_factory.mktemp("export_workdir")
     config = load_config("tiny:smoke")
+    config.data.buckets = BUCKETS
     (wd / "config.json").write_text(config.to_json(indent=2))
     cfg = workdir_config(wd)
     mesh = make_mesh(cfg)
@@ -187,6 +190,12 @@ def test_f32_bundle_matches_the_generator(served, reference, bundles):
     # The sampler moved the latents well away from the starting noise (measured RMS
     # 0.6), so the comparison covers the transformer and not only the noise draw.
     g = json.loads((bundles["f32"] / serving.MANIFEST).read_text())["generation"]
+    assert g["default_bucket"] == "32x32x16" and list(g["buckets"]) == [
+        "32x32x16",
+        "48x32x8",
+        "32x48x8",
+    ]
+    g = g["buckets"]["32x32x16"]
     keys = [noise_key(SEED, i) for i in range(len(PROMPTS))]
     noise = per_example_noise(keys, g["video_latent_shape"], g["audio_latent_shape"])
     assert np.sqrt(np.mean((out["video_latents"] - np.asarray(noise["video"])) ** 2)) > 0.3
@@ -260,10 +269,10 @@ def test_export_refuses_an_existing_out_folder(workdir, bundles):
 
 def test_denoise_step_is_batch_polymorphic(bundles):
     bundle = serving.load_bundle(bundles["f32"])
-    spec = bundle.manifest["functions"]["denoise_step.euler.cfg"]
+    spec = bundle.manifest["functions"]["denoise_step.euler.cfg@32x32x16"]
     assert spec["symbolic_dims"] == ["b"]
     assert spec["inputs"][0]["shape"][0] == "b" and spec["inputs"][2]["shape"][0] == "2*b"
-    g = bundle.manifest["generation"]
+    g = bundle.manifest["generation"]["buckets"]["32x32x16"]
     rng = np.random.default_rng(1)
     tokens, mask = bundle.tokenizer.encode(["a blue circle", "two red squares", "x"], 32)
     tokens = np.concatenate([tokens, np.zeros_like(tokens)])
@@ -272,10 +281,10 @@ def test_denoise_step_is_batch_polymorphic(bundles):
     xa = rng.normal(size=(3, *g["audio_latent_shape"])).astype(np.float32)
     t = (np.float32(0.7), np.float32(0.4), np.asarray([3.0, 2.0], np.float32))
     text3 = bundle.call("text_encode", tokens, mask)
-    out3 = bundle.call("denoise_step.euler.cfg", xv, xa, *text3, *t)
+    out3 = bundle.call("denoise_step.euler.cfg@32x32x16", xv, xa, *text3, *t)
     rows = [0, 3]  # example 0 and its empty caption
     text1 = bundle.call("text_encode", tokens[rows], mask[rows])
-    out1 = bundle.call("denoise_step.euler.cfg", xv[:1], xa[:1], *text1, *t)
+    out1 = bundle.call("denoise_step.euler.cfg@32x32x16", xv[:1], xa[:1], *text1, *t)
     assert out3[0].shape == xv.shape and out1[0].shape == (1, *xv.shape[1:])
     np.testing.assert_allclose(out1[0], out3[0][:1], atol=1e-5)
     np.testing.assert_allclose(out1[1], out3[1][:1], atol=1e-5)
@@ -328,8 +337,28 @@ def test_sample_cli_from_bundle(bundles, tmp_path):
     frames, fps, audio, sr = decode_mp4(mp4.read_bytes())
     assert frames.shape == (16, 32, 32, 3) and fps == pytest.approx(8.0)
     assert audio is not None and sr == 16000
-    with pytest.raises(UserError, match="--height does not apply to --bundle"):
+    # A portrait bucket, picked by its shape.
+    out = tmp_path / "portrait"
+    assert cli.run([*args[:-1], str(out), "--steps", "1", "--height", "48"]) == 0
+    frames, _, _, _ = decode_mp4(next(out.glob("000_*.mp4")).read_bytes())
+    assert frames.shape == (8, 48, 32, 3)
+    with pytest.raises(UserError, match=r"no bucket of height 64.*32x32x16, 48x32x8, 32x48x8"):
         cli.run([*args, "--height", "64"])
+    with pytest.raises(UserError, match="--fps does not apply to --bundle"):
+        cli.run([*args, "--fps", "12"])
+
+
+@pytest.mark.parametrize("bucket", ["48x32x8", "32x48x8"])
+def test_bundle_samples_portrait_and_landscape_as_the_generator(bundles, generator, bucket):
+    h, w, t = (int(x) for x in bucket.split("x"))
+    want = generator.generate(PROMPTS[:1], seed=SEED, steps=2, height=h, width=w, num_frames=t)
+    got = serving.load_bundle(bundles["f32"]).generate(
+        PROMPTS[:1], seed=SEED, steps=2, bucket=bucket
+    )
+    assert got["video"].shape == want["video"].shape == (1, t, h, w, 3)
+    diff = np.abs(got["video"].astype(int) - want["video"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    np.testing.assert_allclose(got["audio"], want["audio"], atol=1e-4)
 
 
 def test_renoised_start_mixes_the_clip_with_the_generation_noise(generator, monkeypatch):

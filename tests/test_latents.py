@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs.base import get_base_config
 from data_pipelines import latents as lc
+from data_pipelines.buckets import check_buckets
 from vdiff.errors import UserError
 from vdiff.models.video_vae import compute_latent_stats
 from vdiff.parallel.mesh import make_mesh
@@ -26,6 +27,8 @@ from vdiff.train.data import Data
 from vdiff.train.trained import Trained, TrainedModel
 
 CAPTION_LEN = 32
+B = "32x32x16"  # the one bucket: cache splits are "<split>.<bucket>"
+TRAIN = f"train.{B}"
 NON_ASCII = "ein grüner Kreis — 緑の円が左へ 🎈"
 
 
@@ -57,6 +60,7 @@ def _split(rng, n, name):
                 "tokens": tokens[i],
                 "mask": mask[i],
                 "caption": NON_ASCII if (name, i) == ("val", 1) else f"clip {i} of {name}",
+                "fps": 8.0,
             }
         )
     return recs
@@ -68,17 +72,19 @@ def _frames_data(root, splits) -> Data:
     lc.clear_cache(frames, lc.FRAMES)
     entries = {}
     for split, recs in splits.items():
-        writer = lc.PartWriter(frames, split)
+        writer = lc.PartWriter(frames, f"{split}.{B}")
         for rec in recs:
             writer.write(rec)
         writer.close()
-        entries[split], _ = lc.merge_parts(frames, split, 1)
+        entries[f"{split}.{B}"], _ = lc.merge_parts(frames, f"{split}.{B}", 1)
     mel = {"mean": 0.0, "std": 1.0}
     lc.write_meta(frames, {"test": True}, entries, {}, lc.FRAMES, {"mel_stats": mel})
-    counts = {split: len(recs) for split, recs in splits.items()}
+    config = _config()
     return Data(
-        config=_config(), root=root, records=root, frames=frames, tokenizer=None,
-        mel_stats=mel, counts=counts, tag={"test": True},
+        config=config, root=root, records=root, frames=frames, tokenizer=None,
+        mel_stats=mel, buckets=check_buckets(config.data.buckets), members={},
+        bucket_counts={split: {B: len(recs)} for split, recs in splits.items()},
+        tag={"test": True},
     )  # fmt: skip
 
 
@@ -141,12 +147,14 @@ def _read(cache_dir, split):
 def test_cache_round_trips(setup):
     _, _, data, ae, workdir, cache = setup
     assert cache.dir == workdir / "latents"
-    train_shards = sorted(p.name for p in cache.dir.glob("train.*.array_record"))
+    train_shards = sorted(p.name for p in cache.dir.glob(f"{TRAIN}.*.array_record"))
     assert len(train_shards) > 1
-    assert train_shards[0] == f"train.p00000-of-00001-00000-of-{len(train_shards):05d}.array_record"
+    assert (
+        train_shards[0] == f"{TRAIN}.p00000-of-00001-00000-of-{len(train_shards):05d}.array_record"
+    )
     for split in ("train", "val"):
         video, audio = _encoded(ae, data, split)
-        got = _read(cache.dir, split)
+        got = _read(cache.dir, f"{split}.{B}")
         s = data.head(split, data.counts[split])
         assert got["video"].dtype == np.float32 and np.array_equal(got["video"], video)
         assert np.array_equal(got["audio"], audio)
@@ -155,13 +163,16 @@ def test_cache_round_trips(setup):
             assert np.array_equal(got[name], getattr(s, name)), name
         assert np.array_equal(got["index"], s.indices)
         assert got["key"] == s.keys and got["caption"] == s.captions
-        assert cache.meta["splits"][split]["count"] == len(s)
-    assert _read(cache.dir, "val")["caption"][1] == NON_ASCII
+        assert cache.meta["splits"][f"{split}.{B}"]["count"] == len(s)
+    assert _read(cache.dir, f"val.{B}")["caption"][1] == NON_ASCII
     # Statistics: over the train split (float64 moments merged from every process's part,
-    # so equal to the float32 reference up to its rounding), exact through stats.json.
+    # so equal to the float32 reference up to its rounding), exact through stats.json; the
+    # audio statistics over the clips that have sound.
     video, audio = _encoded(ae, data, "train")
+    sound = data.head("train", data.counts["train"]).has_audio
+    assert 0 < sound.sum() < len(sound)
     stats = lc.load_stats(cache.dir)
-    for mod, z in (("video", video), ("audio", audio)):
+    for mod, z in (("video", video), ("audio", audio[sound])):
         want = compute_latent_stats(z)
         for k in ("shift", "scale"):
             assert stats[mod][k].dtype == np.float32
@@ -175,7 +186,7 @@ def test_cache_round_trips(setup):
 def test_two_parts_hold_the_records_of_one(setup, tmp_path):
     """Parts written by two processes merge into the records, order and moments of one."""
     cache = setup[-1]
-    src = lc.CacheSource(cache.dir, "train")
+    src = lc.CacheSource(cache.dir, TRAIN)
     recs = [src[i] for i in range(len(src))]
     moments = {}
     for parts in (1, 2):
@@ -207,9 +218,10 @@ def test_record_rejects_bad_bytes():
         "tokens": np.array([5, 0], np.int32),
         "mask": np.array([True, False]),
         "caption": NON_ASCII,
+        "fps": 12.5,
     }
     back = lc.decode_latent_record(lc.encode_latent_record(rec))
-    assert back["audio"] is None and back["caption"] == NON_ASCII
+    assert back["audio"] is None and back["caption"] == NON_ASCII and back["fps"] == 12.5
     assert np.array_equal(back["video"], rec["video"]) and back["video"].dtype == np.float32
     with pytest.raises(lc.LatentRecordError, match="msgpack"):
         lc.decode_latent_record(b"\xc1 not msgpack")
@@ -239,13 +251,13 @@ def test_cache_reused_while_tag_matches_rebuilt_when_it_changes(setup, monkeypat
     rebuilt = stages.cache_latents(config, wd, mesh, data, new_ae)
     assert rebuilt.meta["tag"]["vae_step"] == 5
     video, _ = _encoded(new_ae, data, "train")
-    got = _read(wd / "latents", "train")["video"]
+    got = _read(wd / "latents", TRAIN)["video"]
     assert np.array_equal(got, video)
-    assert not np.array_equal(got, _read(workdir / "latents", "train")["video"])
+    assert not np.array_equal(got, _read(workdir / "latents", TRAIN)["video"])
     # One shard per split now (default shard size): the old, smaller shards are gone.
     assert sorted(p.name for p in (wd / "latents").glob("*.array_record")) == [
-        "train.p00000-of-00001-00000-of-00001.array_record",
-        "val.p00000-of-00001-00000-of-00001.array_record",
+        f"train.{B}.p00000-of-00001-00000-of-00001.array_record",
+        f"val.{B}.p00000-of-00001-00000-of-00001.array_record",
     ]
 
 
@@ -256,14 +268,14 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     def fresh(name):
         d = tmp_path / name / "latents"
         shutil.copytree(src, d)
-        return d, sorted(d.glob("train.*.array_record"))
+        return d, sorted(d.glob(f"{TRAIN}.*.array_record"))
 
     d, shards = fresh("missing")
     shards[1].unlink()
     with pytest.raises(
-        UserError, match=r"train\.p00000-of-00001-00001-of-\d+\.array_record is missing"
+        UserError, match=r"train\.32x32x16\.p00000-of-00001-00001-of-\d+\.array_record is missing"
     ):
-        lc.CacheSource(d, "train")
+        lc.CacheSource(d, TRAIN)
     # The main job's reuse check says the same before training starts.
     with pytest.raises(UserError, match="is missing; remove"):
         stages.cache_latents(config, d.parent, mesh, data, ae)
@@ -271,31 +283,31 @@ def test_damaged_cache_gives_user_error(setup, tmp_path):
     d, shards = fresh("truncated")
     shards[0].write_bytes(shards[0].read_bytes()[:70_000])
     with pytest.raises(UserError, match="truncated or replaced"):
-        lc.CacheSource(d, "train")
+        lc.CacheSource(d, TRAIN)
 
     d, shards = fresh("flipped")  # same size, damaged bytes: ArrayRecord's chunk hash
     raw = bytearray(shards[0].read_bytes())
     raw[100:400] = bytes(b ^ 0xFF for b in raw[100:400])
     shards[0].write_bytes(bytes(raw))
     with pytest.raises(UserError, match="damaged") as e:
-        _read(d, "train")
+        _read(d, TRAIN)
     assert "rebuild" in str(e.value)
 
     d, _ = fresh("meta")
     (d / "latents.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        lc.CacheSource(d, "train")
+        lc.CacheSource(d, TRAIN)
     with pytest.raises(UserError, match="no cache in"):
         lc.CacheSource(tmp_path / "nothing", "train")
-    with pytest.raises(UserError, match="no split 'val_heldout'"):
-        lc.CacheSource(src, "val_heldout")
+    with pytest.raises(UserError, match=r"no split 'val_heldout\.32x32x16'"):
+        lc.CacheSource(src, f"val_heldout.{B}")
 
 
 def _dit_inputs(config, data, cache, rows):
     """Rows of the transformer's inputs, as its latent stream and its clip stream make them."""
     fields = stages.dit_latent_fields(config, cache)
     norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
-    cached = _rows(lc.CacheSource(cache.dir, "train"), lc.RecordFields(fields, norms), rows)
+    cached = _rows(lc.CacheSource(cache.dir, TRAIN), lc.RecordFields(fields, norms), rows)
     clip_fields = stages.dit_clip_fields(config, cache.stats)
     mel = {k: data.mel_norm for k, f in clip_fields.items() if f == "audio"}
     clips = _rows(data.source("train"), lc.RecordFields(clip_fields, mel), rows)
@@ -303,13 +315,13 @@ def _dit_inputs(config, data, cache, rows):
 
 
 def test_latent_stream_batches_are_the_cache_rows(setup):
-    config, _, _, _, _, cache = setup
-    stream = stages.dit_latent_stream(config, cache)(4, 11)
+    config, _, data, _, _, cache = setup
+    stream = stages.dit_latent_stream(config, data, cache)({B: 4}, 11)
     batch = next(stream)
     fields = stages.dit_latent_fields(config, cache)
     norms = {k: cache.stats[f] for k, f in fields.items() if f in ("video", "audio")}
     want = _rows(
-        lc.CacheSource(cache.dir, "train"), lc.RecordFields(fields, norms), stream.last_indices
+        lc.CacheSource(cache.dir, TRAIN), lc.RecordFields(fields, norms), stream.last_indices
     )
     assert batch.keys() == want.keys()
     for k in want:

@@ -205,7 +205,7 @@ def test_latent_cache_by_two_processes_holds_the_records_of_one(tmp_path):
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     two, one = (tmp_path / f"p{n}" / "latents" for n in (2, 1))
     for split in ("train", "val"):
-        a, b = lc.CacheSource(two, split), lc.CacheSource(one, split)
+        a, b = (lc.CacheSource(d, f"{split}.16x16x8") for d in (two, one))  # the one bucket
         assert a.info["parts"] == 2 and b.info["parts"] == 1
         ra, rb = a.read(range(len(a))), b.read(range(len(b)))
         assert ra["key"] == rb["key"] and len(ra["key"]) == {"train": 20, "val": 6}[split]

@@ -15,7 +15,7 @@ from _media import make_mp4, tone
 from jax.sharding import PartitionSpec
 
 from data_pipelines import pipeline, records
-from data_pipelines.buckets import bucket_for_step, check_buckets
+from data_pipelines.buckets import Bucket, check_buckets
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.config import load_config
 from vdiff.errors import UserError
@@ -216,22 +216,22 @@ def test_bad_records_are_skipped_and_counted(data):
         assert again.stats["skipped"] == stats["skipped"]
 
 
-def test_buckets_agree_across_processes_and_workers(data):
-    buckets = ((32, 32, 16), (16, 24, 8))
-    steps = 6
+def test_a_bucket_decodes_alike_in_every_process_and_worker(data):
+    """A non-square bucket of the square sources (resize to cover, centre crop), read by
+    process 1 of 2 in this process and in grain workers: the same batches."""
+    bucket = Bucket(16, 24, 8)
+    steps = 4
     runs = {}
     for name, p, workers in (("p0", 0, 0), ("p1", 1, 0), ("p1_workers", 1, 2)):
         with build(
-            data, buckets=buckets, process_index=p, process_count=2, worker_count=workers
+            data, bucket=bucket, process_index=p, process_count=2, worker_count=workers
         ) as it:
             runs[name] = _take(it, steps)
-    expect = [bucket_for_step(buckets, 0, s) for s in range(steps)]
-    assert len(set(expect)) == 2  # the test covers both buckets
     for name, batches in runs.items():
         for step, b in enumerate(batches):
-            h, w, t = expect[step]
-            assert b["video"].shape == (4, t, h, w, 3), (name, step)
-            assert b["mel"].shape == (4, t * 100 // 8, 64), (name, step)
+            assert b["video"].shape == (4, 8, 16, 24, 3), (name, step)
+            assert b["mel"].shape == (4, 8 * 100 // 8, 64), (name, step)
+            np.testing.assert_array_equal(b["fps"], SRC_FPS)
             _check_content(b, data)
     for a, b in zip(runs["p1"], runs["p1_workers"]):  # worker processes change nothing
         _assert_same(a, b)
@@ -264,8 +264,11 @@ def _frames_parts(data, tmp_path, num_parts, buckets=((32, 32, 16),)):
     from vdiff.train.data import _decode_part
 
     c, tok = _config(buckets), Tokenizer(data / "tok.model")
+    members = np.arange(len(pipeline.open_split(data / "bad")))
     for p in range(num_parts):
-        _decode_part(c, data / "bad", tmp_path, "train", tok, p, num_parts)
+        _decode_part(
+            c, data / "bad", tmp_path, "train", Bucket(*buckets[0]), members, tok, p, num_parts
+        )
     return tmp_path
 
 
@@ -275,9 +278,9 @@ def test_frames_cache_holds_the_pipeline_decode_in_record_order(data, tmp_path):
     caches = {}
     for parts in (1, 2):
         out = _frames_parts(data, tmp_path / f"p{parts}", parts)
-        entry, moments = cache.merge_parts(out, "train", parts)
-        cache.write_meta(out, {}, {"train": entry}, {}, cache.FRAMES)
-        caches[parts] = cache.CacheSource(out, "train", cache.FRAMES)
+        entry, moments = cache.merge_parts(out, "train.32x32x16", parts)
+        cache.write_meta(out, {}, {"train.32x32x16": entry}, {}, cache.FRAMES)
+        caches[parts] = cache.CacheSource(out, "train.32x32x16", cache.FRAMES)
         assert "audio" in moments  # the train split's log-mel moments, for normalising
     src = caches[1]
     keys = [src[i]["key"] for i in range(len(src))]
@@ -290,8 +293,12 @@ def test_frames_cache_holds_the_pipeline_decode_in_record_order(data, tmp_path):
     c, tok = _config(), Tokenizer(data / "tok.model")
     one = pipeline.decode_example(
         records.decode_record(records.RecordSource(data / "good", "train").raw[3]),
-        height=32, width=32, frames=16, **pipeline.decode_settings(c, tok),
-    )  # fmt: skip
+        height=32,
+        width=32,
+        frames=16,
+        window=(c.seed, 0, 3),
+        **pipeline.decode_settings(c, tok),
+    )  # fmt: skip (the cache holds each clip's epoch-0 window)
     rec = src[keys.index("clip-03")]
     np.testing.assert_array_equal(rec["video"], np.round((one["video"] + 1) * 127.5))
     np.testing.assert_array_equal(rec["audio"], one["mel"])
@@ -337,16 +344,23 @@ def test_bad_config_and_missing_data_raise_clear_errors(data, tmp_path):
 
 def test_frames_cache_names_the_split_and_reasons_when_nothing_is_usable(data, tmp_path):
     """Clips shorter than the bucket everywhere: one line with the split and the counts."""
-    from vdiff.train.data import _frames_cache
+    from vdiff.train.data import _frames_cache, _split_buckets
 
     root = tmp_path / "root"
-    (root / "records").mkdir(parents=True)
-    (root / "records" / "train").symlink_to(data / "bad")
+    split = root / "records" / "train"
+    split.mkdir(parents=True)
+    for shard in (data / "bad").glob("*.array_record"):
+        (split / shard.name).symlink_to(shard)
+    (split / "manifest.json").write_text("{}")  # what an ingest leaves; its digest tags the index
     (root / "tokenizer.model").symlink_to(data / "tok.model")
     c = _config(buckets=((32, 32, 64),))  # 8 s at 8 fps from 3 s sources
+    members = {
+        "train": _split_buckets(c, root, root / "records", "train", check_buckets(c.data.buckets))
+    }
     with pytest.raises(UserError) as e:
-        _frames_cache(c, root, root / "records", ["train"], Tokenizer(data / "tok.model"), {})
+        tok = Tokenizer(data / "tok.model")
+        _frames_cache(c, root, root / "records", ["train"], tok, {}, members)
     text = str(e.value)
     assert "\n" not in text and text.startswith("split train (")
-    assert "32x32x64 at 8 fps" in text and "1 RecordError" in text
-    assert int(re.search(r"(\d+) too_short", text).group(1)) >= NUM_CLIPS
+    assert "any bucket of data.buckets at 8 fps" in text and "1 bad_record" in text
+    assert int(re.search(r"(\d+) shorter_than_its_buckets", text).group(1)) == NUM_CLIPS + 1

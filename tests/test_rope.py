@@ -121,3 +121,28 @@ def test_absolute_features_are_mirror_symmetric_and_flag_the_first_frame():
     # (token 3i+1 of 12 rows is centred where token i of 4 rows is)
     big = np.asarray(absolute_video_features(times, (12, 18)))[0].reshape(3, 12, 18, ABS_FEATURES)
     np.testing.assert_allclose(big[:, 1::3, 1::3], f, atol=1e-5)
+
+
+def test_video_tokens_at_the_same_time_share_the_temporal_angle_whatever_the_fps():
+    """Two clips in one batch at 12 and 31.2 fps (frame i at i / fps s): the 12 fps clip's
+    token 1 (frames 1-4, midpoint 2.5 / 12 s) and the 31.2 fps clip's token 2 (frames 5-8,
+    6.5 / 31.2 s) are both at 0.2083 s, so their temporal angles are equal; tokens at
+    other times differ. The batch goes through the path the DiT takes (``clip_times``)."""
+    from flax import nnx
+
+    from vdiff.config import load_config
+    from vdiff.models.dit import DiT
+    from vdiff.train.stages import dit_sizes
+
+    c = load_config("tiny")
+    model = nnx.eval_shape(lambda: DiT.from_config(c.model, dit_sizes(c), nnx.Rngs(0)))
+    assert model.patch[0] == 1 and model.temporal_down == 4
+    fps = jnp.asarray([12.0, 31.2])
+    times = model.clip_times(fps, 5)  # what flow_loss passes as video_times
+    np.testing.assert_allclose(times[0], video_token_times(5, 1, 12.0, 4), rtol=1e-6)
+    np.testing.assert_allclose(times[1], video_token_times(5, 1, 31.2, 4), rtol=1e-6)
+    angles = rope_angles(video_positions(times, (1, 1)), HD, time_scale=SCALE)  # (2, 5, HD/2)
+    dt = rope_split(HD)[0] // 2
+    np.testing.assert_allclose(angles[0, 1, :dt], angles[1, 2, :dt], rtol=1e-5)
+    np.testing.assert_allclose(angles[0, 0], angles[1, 0])  # both first frames at 0 s
+    assert not np.allclose(angles[0, 2, :dt], angles[1, 2, :dt])

@@ -268,16 +268,16 @@ def _train_vae_stage(tmp_path, name: str, overrides: list[str]):
     from vdiff.train.checkpoint import Checkpointer
     from vdiff.train.stages import train_video_vae
 
-    small = ["data.resolution=16", "data.frames=8", "vae.channels=8"]
+    small = ["data.resolution=16", "data.frames=8", "data.buckets=((16, 16, 8),)", "vae.channels=8"]
     config = load_config("tiny:smoke", [*small, "vae.steps=4", "train.ckpt_every=2", *overrides])
     mesh = make_mesh(config)
     video = np.random.default_rng(0).integers(0, 256, (16, 8, 16, 16, 3), dtype=np.uint8)
 
     class Data:  # the stage's one call into vdiff.train.data.Data, over these clips
-        def stream(self, split, fields, *, batch_size, seed):
+        def stream(self, split, fields, *, batch_sizes, seed, images=True):
             assert split == "train" and fields == {"video": "video"}
             return BatchStream(
-                len(video), lambda pos, i: {"video": video[i]}, batch_size=batch_size,
+                len(video), lambda pos, i: {"video": video[i]}, batch_size=batch_sizes["16x16x8"],
                 seed=seed, process_index=0, process_count=1,
             )  # fmt: skip
 

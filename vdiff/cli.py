@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a workdir written by 'vdiff train'")
     src.add_argument(
-        "--bundle", help="a bundle folder written by 'vdiff export' (training clip size only)"
+        "--bundle",
+        help="a bundle folder written by 'vdiff export' (its buckets: pick one with --height/--width/--num-frames)",
     )
     p.add_argument(
         "--prompt", action="append", required=True, help="text prompt (repeat for several)"
@@ -85,10 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-frames",
         type=int,
         default=None,
-        help="frames to generate (default: training clip length)",
+        help="frames to generate (default: the first bucket's; any count)",
     )
-    p.add_argument("--height", type=int, default=None, help="pixels (default: training resolution)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: training resolution)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the first bucket's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the first bucket's)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of the clip (its tokens' times; default data.fps)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=None, help="clip length (instead of --num-frames)"
+    )
     p.add_argument(
         "--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)"
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from data_pipelines.buckets import Strides, check_buckets
 from vdiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ ADDED_KEYS: dict[str, Any] = {
     "data.audio": True,
     "data.dit_input": "latents",
     "data.decode": "cache",
+    "data.bucket_batch": (),
+    "data.image_share": -1.0,
     "vae.train_crop": 0,
     "vae.full_frame_steps": 0,
     "model.cross_modal": True,
@@ -278,13 +281,26 @@ def check_static(config: ml_collections.ConfigDict) -> None:
     for a, s in mesh.shape.items():
         if s != -1 and s < 1:
             raise UserError(f"mesh.shape.{a}={s}: sizes must be >= 1 or -1 (fill)")
+    try:
+        buckets = check_buckets(config.data.buckets, Strides.from_config(config))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    share = config.data.image_share
+    if share != -1.0 and not 0.0 <= share <= 1.0:
+        raise UserError(f"data.image_share={share}: use a fraction in [0, 1], or -1 (by data)")
+    if config.data.bucket_batch and len(config.data.bucket_batch) != len(buckets):
+        raise UserError(
+            f"data.bucket_batch gives {len(config.data.bucket_batch)} sizes for "
+            f"{len(buckets)} data.buckets; give one per bucket, or () for the token budget"
+        )
     crop = config.vae.train_crop
     if crop:
-        down, res = config.vae.spatial_down, config.data.resolution
+        down = config.vae.spatial_down
+        res = min(min(b.height, b.width) for b in buckets)
         if crop % down or not 0 < crop <= res:
             raise UserError(
                 f"vae.train_crop={crop} must be a multiple of vae.spatial_down={down} in "
-                f"(0, data.resolution={res}]; or 0 to train on whole frames"
+                f"(0, {res}] (the smallest side of data.buckets); or 0 to train on whole frames"
             )
     full = config.vae.full_frame_steps
     if full < 0 or (full and not crop):

@@ -20,8 +20,10 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.audio import mels_to_waves
+from data_pipelines.buckets import Bucket
 from data_pipelines.latents import load_stats
 from data_pipelines.mp4 import encode_mp4
+from data_pipelines.pipeline import audio_frame_multiple, mel_frames
 from data_pipelines.tokenizer import Tokenizer
 from vdiff.config import load_saved_config
 from vdiff.diffusion import samplers
@@ -107,8 +109,16 @@ class Generator:
         prompt_ids: list[int] | None = None,
         start_videos: np.ndarray | None = None,
         t_start: float = 1.0,
+        fps: float | None = None,
+        seconds: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Prompts -> {"video": uint8 (N,T,H,W,3), "audio": float32 (N, S) or absent}.
+
+        The clip shape defaults to the config's first bucket (``data.buckets[0]``); any
+        height and width the strides divide works, and any frame count. ``fps`` (default
+        ``data.fps``) is the frame rate the clip is sampled at: its tokens' times in
+        seconds; ``seconds`` gives the length instead of ``num_frames``
+        (``round(seconds * fps)`` frames). Audio spans the clip's seconds.
 
         The starting noise of prompt i depends only on (seed, i) through
         :func:`noise_key` (``prompt_ids[i]`` instead of ``i`` when given), so the same prompt
@@ -122,9 +132,17 @@ class Generator:
         """
 
         c, s = self.config, self.config.sample
-        num_frames = num_frames or c.data.frames
-        height = height or c.data.resolution
-        width = width or c.data.resolution
+        first = default_bucket(c)
+        rate = float(fps or c.data.fps)
+        if rate <= 0:
+            raise UserError(f"--fps={fps} must be positive")
+        if seconds is not None:
+            if num_frames is not None:
+                raise UserError("give --num-frames or --seconds, not both")
+            num_frames = max(1, round(seconds * rate))
+        num_frames = num_frames or first.frames
+        height = height or first.height
+        width = width or first.width
         cfg = s.cfg if cfg is None else cfg
         steps = steps or s.steps
         sampler = sampler or s.sampler
@@ -141,8 +159,9 @@ class Generator:
             )
         video_shape = (lt, height // sd, width // sd, c.vae.latent_channels)
         with_audio = audio and self.audio_ae is not None and self.dit.has_audio
-        mel_len = round(num_frames / c.data.fps * c.data.sample_rate / c.data.hop)
-        mel_len -= mel_len % c.audio_ae.time_down
+        mel_len = mel_frames(
+            num_frames, rate, c.data.sample_rate, c.data.hop, audio_frame_multiple(c)
+        )
         audio_shape = (
             (mel_len // c.audio_ae.time_down, c.audio_ae.latent_channels) if with_audio else None
         )
@@ -175,6 +194,7 @@ class Generator:
                 sampler,
                 cross_modal,
                 start,
+                None if fps is None else rate,
             )
             videos.append(out["video"])
             if with_audio:
@@ -186,7 +206,7 @@ class Generator:
 
     def _sample_batch(
         self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal,
-        start=None,
+        start=None, fps=None,
     ):  # fmt: skip
 
         n = len(rngs)
@@ -212,6 +232,7 @@ class Generator:
             noise=noise,
             cross_modal=cross_modal,
             t_start=t_start,
+            fps=fps,
         )
         return self.decode(out["video"], out["audio"] if audio_shape is not None else None)
 
@@ -252,6 +273,11 @@ class Generator:
             out["audio"] = mels_to_waves(mel, sample_rate=c.sample_rate, hop=c.hop)
             out["mel"] = mel
         return out
+
+
+def default_bucket(config) -> Bucket:
+    """The clip shape sampling, export and the report default to: the first bucket."""
+    return Bucket(*(int(x) for x in config.data.buckets[0]))
 
 
 def workdir_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -361,10 +387,11 @@ def sample_cli(args) -> list[Path]:
         steps=args.steps,
         sampler=args.sampler,
         seed=args.seed,
+        fps=args.fps,
+        seconds=args.seconds,
     )
-    return write_prompt_clips(
-        Path(args.out), args.prompt, out, gen.config.data.fps, gen.config.data.sample_rate
-    )
+    fps = args.fps or gen.config.data.fps
+    return write_prompt_clips(Path(args.out), args.prompt, out, fps, gen.config.data.sample_rate)
 
 
 def write_prompt_clips(

@@ -35,7 +35,7 @@ from vdiff.errors import UserError
 from vdiff.manifest import read_versioned_json
 
 FORMAT = "vdiff-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sampler steps and decoders per shape bucket
 MANIFEST = "bundle.json"
 PARAMS_FILE = "params.safetensors"
 STATS_FILE = "stats.safetensors"
@@ -116,8 +116,9 @@ class Bundle:
         sampler: str | None = None,
         batch_size: int = 16,
         prompt_ids: list[int] | None = None,
+        bucket: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Prompts -> clips at the training clip size.
+        """Prompts -> clips of one trained shape bucket.
 
         Args:
             prompts: captions.
@@ -128,6 +129,8 @@ class Bundle:
             sampler: ``"euler"`` or ``"heun"`` (default: the bundle's).
             batch_size: prompts per exported call (any size: batch is symbolic).
             prompt_ids: noise indices per prompt.
+            bucket: the shape bucket, e.g. ``"48x32x16"`` (:meth:`buckets`; default the
+                bundle's first).
 
         Returns:
             ``video`` uint8 (N, T, H, W, 3), ``video_latents`` (N, T', H', W', C) and, with
@@ -135,11 +138,15 @@ class Bundle:
             ``audio_latents`` (N, Ta, Ca).
         """
         g, s = self.manifest["generation"], self.manifest["sampler"]
+        bucket = bucket or g["default_bucket"]
+        if bucket not in g["buckets"]:
+            raise UserError(f"bundle {self.path} has no bucket {bucket} (it has {self.buckets()})")
+        shapes = g["buckets"][bucket]
         cfg = s["cfg"] if cfg is None else float(cfg)
         steps = steps or s["steps"]
         sampler = sampler or s["sampler"]
         guided = cfg != 1.0
-        step_fn = f"denoise_step.{sampler}.{'cfg' if guided else 'nocfg'}"
+        step_fn = f"denoise_step.{sampler}.{'cfg' if guided else 'nocfg'}@{bucket}"
         if step_fn not in self.functions:
             raise UserError(f"--sampler={sampler!r}: the bundle has no {step_fn} function")
         if steps < 1:
@@ -149,8 +156,8 @@ class Bundle:
         audio_cfg = cfg if s["audio_cfg"] is None else s["audio_cfg"]
         scales = np.asarray([cfg, audio_cfg] if guided else [1.0, 1.0], np.float32)
         grid = time_grid(steps, s["shift"])
-        video_shape = tuple(g["video_latent_shape"])
-        audio_shape = tuple(g["audio_latent_shape"]) if self.has_audio else None
+        video_shape = tuple(shapes["video_latent_shape"])
+        audio_shape = tuple(shapes["audio_latent_shape"]) if self.has_audio else None
         tokens, mask = self.tokenizer.encode(list(prompts), g["caption_len"])
         parts: dict[str, list] = {}
         for i in range(0, len(prompts), batch_size):
@@ -169,17 +176,24 @@ class Bundle:
                 state = (xv, xa) if self.has_audio else (xv,)
                 out = self.call(step_fn, *state, *text, grid[j], grid[j + 1], scales)
                 xv, xa = out if self.has_audio else (out[0], None)
-            for k, v in self.decode(xv, xa).items():
+            for k, v in self.decode(xv, xa, bucket=bucket).items():
                 parts.setdefault(k, []).append(v)
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def decode(self, video_latents, audio_latents=None) -> dict[str, np.ndarray]:
-        """Normalised latents -> uint8 video (+ log-mel and Griffin-Lim waveform)."""
+    def buckets(self) -> list[str]:
+        """The shape buckets the bundle samples (``HxWxT``), the default first."""
+        g = self.manifest["generation"]
+        return [g["default_bucket"], *(b for b in g["buckets"] if b != g["default_bucket"])]
+
+    def decode(self, video_latents, audio_latents=None, *, bucket: str | None = None):
+        """Normalised latents of ``bucket`` (default the first) -> uint8 video (+ log-mel
+        and Griffin-Lim waveform)."""
         st = self.stats
+        bucket = bucket or self.manifest["generation"]["default_bucket"]
         out = {
             "video": np.asarray(
                 self.call(
-                    "decode_video",
+                    f"decode_video@{bucket}",
                     video_latents,
                     st["latent.video.shift"],
                     st["latent.video.scale"],
@@ -191,7 +205,7 @@ class Bundle:
             g = self.manifest["generation"]
             mel = np.asarray(
                 self.call(
-                    "decode_audio", audio_latents, st["latent.audio.shift"],
+                    f"decode_audio@{bucket}", audio_latents, st["latent.audio.shift"],
                     st["latent.audio.scale"], st["mel.mean"], st["mel.std"],
                 )
             )  # fmt: skip
@@ -249,23 +263,33 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path, manifest, params, stats, tokenizer, functions)
 
 
+def pick_bucket(bundle: Bundle, height=None, width=None, num_frames=None) -> str:
+    """The bundle's bucket with the given shape (unset parts match any; the first bucket
+    that matches, in the bundle's order)."""
+    want = (height, width, num_frames)
+    for name in bundle.buckets():
+        shape = tuple(int(x) for x in name.split("x"))
+        if all(w is None or w == v for w, v in zip(want, shape)):
+            return name
+    raise UserError(
+        f"bundle {bundle.path} has no bucket of height {height}, width {width}, frames "
+        f"{num_frames}; it samples {', '.join(bundle.buckets())} (height x width x frames)"
+    )
+
+
 def sample_cli(args) -> list[Path]:
-    """``vdiff sample --bundle B``: clips at the bundle's training clip size."""
-    for flag, value in (
-        ("--num-frames", args.num_frames),
-        ("--height", args.height),
-        ("--width", args.width),
-    ):
+    """``vdiff sample --bundle B``: clips of one of the bundle's buckets."""
+    for flag, value in (("--fps", args.fps), ("--seconds", args.seconds)):
         if value is not None:
-            raise UserError(
-                f"{flag} does not apply to --bundle: a bundle generates its training clip size"
-            )
+            raise UserError(f"{flag} does not apply to --bundle: its buckets fix the frames")
     if args.no_ema:
         raise UserError("--no-ema does not apply to --bundle; export with 'vdiff export --no-ema'")
     bundle = load_bundle(args.bundle)
+    bucket = pick_bucket(bundle, args.height, args.width, args.num_frames)
     out = bundle.generate(
-        args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg, sampler=args.sampler
-    )
+        args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+        bucket=bucket,
+    )  # fmt: skip
     from vdiff.sampling import write_prompt_clips  # mp4/png writing (the CLI, not serving)
 
     g = bundle.manifest["generation"]

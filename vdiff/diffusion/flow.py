@@ -94,7 +94,8 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
         model: a :class:`vdiff.models.dit.DiT` (or anything with its call signature
             and a ``has_audio`` attribute).
         batch: ``video_latents (B,T',H',W',C)``, ``tokens (B,L)``, ``mask (B,L)``,
-            optional ``audio_latents (B,Ta,Ca)`` and ``has_audio (B,)``.
+            optional ``audio_latents (B,Ta,Ca)``, ``has_audio (B,)`` and ``fps (B,)``
+            (each clip's frame rate; frame ``i`` is at ``i / fps`` s; default the model's).
         rng: PRNG key (fixes t, noise, dropout and the clean-modality draw).
         cfg: the whole config or its ``diffusion`` section.
 
@@ -135,6 +136,8 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
 
     xt_v = interpolate(x0_v, eps_v, t_v)
     kwargs = {}
+    if "fps" in batch:  # each clip's own frame rate: its tokens' real times
+        kwargs["video_times"] = model.clip_times(batch["fps"], x0_v.shape[1])
     if x0_a is not None:
         eps_a = jax.random.normal(k_ea, x0_a.shape, jnp.float32).astype(x0_a.dtype)
         kwargs = dict(audio=interpolate(x0_a, eps_a, t_a), t_audio=t_a, audio_mask=has_audio)

@@ -32,8 +32,9 @@ from vdiff.diffusion.schedule import time_grid as time_grid
 SAMPLERS = ("euler", "heun")
 
 
-def _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_modal):
-    """Returns ``v(xv, xa, t) -> (vv, va)`` for scalar t, with guidance and clean modalities."""
+def _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_modal, times=None):
+    """Returns ``v(xv, xa, t) -> (vv, va)`` for scalar t, with guidance and clean modalities
+    (``times``: the video tokens' seconds, default the model's frame rate)."""
 
     def velocity(xv, xa, t):
         b = xv.shape[0]
@@ -49,6 +50,8 @@ def _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_mo
         audio_kw = {} if xa is None else dict(audio=xa, t_audio=ta)
         if cross_modal is not None:
             audio_kw["cross_modal"] = cross_modal
+        if times is not None:
+            audio_kw["video_times"] = times
         vv, va = model(xv, tv, None, None, text=text, **audio_kw)
         if guided:
             vv = vv[b:] + scales[0] * (vv[:b] - vv[b:])
@@ -71,6 +74,7 @@ def _sample_jit(
     clean_audio,
     grid,
     scales,
+    times,
     *,
     sampler,
     guided,
@@ -82,7 +86,9 @@ def _sample_jit(
         tokens = jnp.concatenate([tokens, empty_tok], axis=0)
         mask = jnp.concatenate([mask, empty_mask], axis=0)
     text = model.encode_text(tokens, mask)
-    velocity = _velocity_fn(model, text, clean_video, clean_audio, scales, guided, cross_modal)
+    velocity = _velocity_fn(
+        model, text, clean_video, clean_audio, scales, guided, cross_modal, times
+    )
     sample_video, sample_audio = clean_video is None, xa is not None and clean_audio is None
 
     def step(i, carry):
@@ -159,6 +165,7 @@ def sample(
     noise: dict | None = None,
     cross_modal: bool | None = None,
     t_start: float = 1.0,
+    fps: float | None = None,
 ) -> dict:
     """Samples latents from noise; deterministic for a given ``rng``.
 
@@ -185,6 +192,8 @@ def sample(
             scaled to ``[0, t_start]``); ``noise`` must then hold the latents at
             ``t_start``, e.g. ``(1 - t_start) x0 + t_start eps`` of real clips: how
             much of a clip's content the model keeps from that noise level on.
+        fps: the frame rate of the clip to sample (its tokens' times in seconds);
+            default the model's (``data.fps``).
 
     Returns:
         ``{"video": (B,T',H',W',C), "audio": (B,Ta,Ca) or None}`` latents; a clean
@@ -223,11 +232,12 @@ def sample(
     video_scale = 1.0 if cfg is None else float(cfg)
     audio_scale = video_scale if audio_cfg is None else float(audio_cfg)
     scales = jnp.asarray([video_scale, audio_scale], jnp.float32)
+    times = None if fps is None else model.clip_times(jnp.asarray([fps]), video_shape[1])[0]
     graphdef, state = nnx.split(model)
     out_v, out_a = _sample_jit(
         graphdef, state, tokens, mask.astype(bool), xv, xa, clean_video, clean_audio,
-        jnp.asarray(time_grid(steps, shift) * t_start), scales, sampler=sampler, guided=guided,
-        cross_modal=cross_modal,
+        jnp.asarray(time_grid(steps, shift) * t_start), scales, times, sampler=sampler,
+        guided=guided, cross_modal=cross_modal,
     )  # fmt: skip
     return {
         "video": out_v if clean_video is None else clean_video,

@@ -125,6 +125,8 @@ def _grid_losses(model, batch, ids, t, k):
     if x0_a is not None:
         eps_a = jax.vmap(lambda key: jax.random.normal(key, x0_a.shape[1:], jnp.float32))(ka)
         kwargs = dict(audio=interpolate(x0_a, eps_a, tb), t_audio=tb, audio_mask=batch["has_audio"])
+    if "fps" in batch:
+        kwargs["video_times"] = model.clip_times(batch["fps"], x0_v.shape[1])
     pred_v, pred_a = model(
         interpolate(x0_v, eps_v, tb), tb, batch["tokens"], batch["mask"], **kwargs
     )
@@ -163,7 +165,9 @@ def fixed_grid_flow_loss(
     """
     n = len(arrays["video_latents"])
     keys = [
-        k for k in ("video_latents", "audio_latents", "tokens", "mask", "has_audio") if k in arrays
+        k
+        for k in ("video_latents", "audio_latents", "tokens", "mask", "has_audio", "fps")
+        if k in arrays
     ]
     has_audio = "audio_latents" in arrays
     lv, la = np.zeros((points, n)), np.zeros((points, n))
@@ -204,6 +208,7 @@ def flow_inputs(gen, val, batch: int = 16) -> dict[str, np.ndarray]:
         "video_latents": norm(vae_latents(gen.vae, val.video, batch), "video"),
         "tokens": val.tokens,
         "mask": val.mask,
+        "fps": np.asarray(val.fps, np.float32),
     }
     if (
         gen.audio_ae is not None

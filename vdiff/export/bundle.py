@@ -13,10 +13,17 @@
     B/tokenizer.model        the sentencepiece model
     B/functions/*.bin        ``jax.export`` serialized functions (cpu and cuda):
         text_encode              tokens (b, L), mask (b, L) -> text features, pooled, mask
-        denoise_step.<sampler>.<cfg|nocfg>
+        denoise_step.<sampler>.<cfg|nocfg>@<bucket>
                                  ONE Euler/Heun step of the sampler, guided or not
-        decode_video             normalised video latents -> uint8 video
-        decode_audio             normalised audio latents -> log-mel (the audio stream only)
+        decode_video@<bucket>    normalised video latents -> uint8 video
+        decode_audio@<bucket>    normalised audio latents -> log-mel (the audio stream only)
+
+Every shape bucket of the config (``data.buckets``, e.g. ``32x48x16``) gets its own
+sampler steps and decoders: the transformer's token grid, its RoPE positions and the
+causal VAE's frame count are fixed per shape, which ``jax.export``'s symbolic dimensions
+cannot express (the batch is symbolic). ``bundle.json`` lists them under
+``generation.buckets`` with their clip and latent shapes; ``generation.default_bucket``
+(the first) is what a server samples when it names none.
 
 Tensor naming (params.safetensors and every function's parameter list): ``<module>.<path>``
 where ``<module>`` is ``dit``, ``vae`` or ``audio_ae`` and ``<path>`` is the attribute path of
@@ -52,6 +59,8 @@ from jax import export
 from safetensors.numpy import save
 
 import vdiff
+from data_pipelines.buckets import check_buckets
+from data_pipelines.pipeline import audio_frame_multiple, mel_frames
 from vdiff import serving
 from vdiff.diffusion.samplers import SAMPLERS, denoise_step
 from vdiff.errors import UserError
@@ -102,7 +111,8 @@ def export_generator(
     t0 = time.time()
     c = gen.config
     with_audio = gen.audio_ae is not None and gen.dit.has_audio
-    shapes = _generation_shapes(gen, with_audio)
+    buckets = check_buckets(c.data.buckets)
+    shapes = {b.name: _bucket_shapes(gen, b, with_audio) for b in buckets}
     dt = DTYPES[dtype]
     modules = {
         "dit": _module_parts(gen.dit, "dit", dt, _export_dit(c, dt)),
@@ -124,13 +134,20 @@ def export_generator(
     functions = {}
     (b,) = export.symbolic_shape("b")
     (b2,) = export.symbolic_shape("2*b", scope=b.scope)
-    symbolic = _function_specs(c, shapes, with_audio, stats, dt, b, b2)
-    # jax.export keeps every input of a shape-polymorphic function, so the parameters a
-    # function reads are found on a batch-1 export (they do not depend on the batch).
-    concrete = _function_specs(c, shapes, with_audio, stats, dt, 1, 2)
-    for name, (module, fn, inputs) in symbolic.items():
-        functions[name] = _export_function(modules[module], fn, inputs, concrete[name][2])
-        log.info("exported %s", name)
+    for bucket, bshapes in shapes.items():
+        symbolic = _function_specs(c, bshapes, with_audio, stats, dt, b, b2)
+        # jax.export keeps every input of a shape-polymorphic function, so the parameters a
+        # function reads are found on a batch-1 export (they do not depend on the batch).
+        concrete = _function_specs(c, bshapes, with_audio, stats, dt, 1, 2)
+        for name, (module, fn, inputs) in symbolic.items():
+            if name != "text_encode":
+                name = f"{name}@{bucket}"
+            elif name in functions:
+                continue
+            functions[name] = _export_function(
+                modules[module], fn, inputs, concrete[name.split("@")[0]][2]
+            )
+            log.info("exported %s", name)
 
     used = sorted({n for f in functions.values() for n in f["params"]})
     tensors = {}
@@ -181,7 +198,19 @@ def export_generator(
             "audio_cfg": None if s.audio_cfg is None else float(s.audio_cfg),
             "shift": float(s.shift),
         },
-        "generation": shapes,
+        "generation": {
+            "fps": float(c.data.fps),
+            "caption_len": int(c.data.caption_len),
+            "pad_id": _pad_id(),
+            "audio": with_audio,
+            **(
+                {"sample_rate": int(c.data.sample_rate), "hop": int(c.data.hop)}
+                if with_audio
+                else {}
+            ),
+            "default_bucket": buckets[0].name,
+            "buckets": shapes,
+        },
         "files": {
             p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.rglob("*"))
@@ -254,30 +283,30 @@ def _path_name(path) -> str:
     return ".".join(parts)
 
 
-def _generation_shapes(gen, with_audio: bool) -> dict:
-    """Clip and latent shapes of the training defaults (what ``Generator.generate`` uses)."""
+def _bucket_shapes(gen, bucket, with_audio: bool) -> dict:
+    """One bucket's clip and latent shapes (what ``Generator.generate`` uses for it)."""
     c = gen.config
     sd = c.vae.spatial_down
-    h = w = c.data.resolution
-    lt = gen.vae.latent_frames(c.data.frames)
     out = {
-        "num_frames": int(c.data.frames),
-        "height": int(h),
-        "width": int(w),
-        "fps": float(c.data.fps),
+        "num_frames": bucket.frames,
+        "height": bucket.height,
+        "width": bucket.width,
         "caption_len": int(c.data.caption_len),
-        "pad_id": _pad_id(),
-        "video_latent_shape": [int(lt), h // sd, w // sd, int(c.vae.latent_channels)],
-        "audio": with_audio,
+        "video_latent_shape": [
+            int(gen.vae.latent_frames(bucket.frames)),
+            bucket.height // sd,
+            bucket.width // sd,
+            int(c.vae.latent_channels),
+        ],
     }
     if with_audio:
-        mel_len = round(c.data.frames / c.data.fps * c.data.sample_rate / c.data.hop)
-        mel_len -= mel_len % c.audio_ae.time_down
-        out.update(
-            audio_latent_shape=[mel_len // c.audio_ae.time_down, int(c.audio_ae.latent_channels)],
-            sample_rate=int(c.data.sample_rate),
-            hop=int(c.data.hop),
+        mel_len = mel_frames(
+            bucket.frames, c.data.fps, c.data.sample_rate, c.data.hop, audio_frame_multiple(c)
         )
+        out["audio_latent_shape"] = [
+            mel_len // c.audio_ae.time_down,
+            int(c.audio_ae.latent_channels),
+        ]
     return out
 
 

@@ -65,6 +65,7 @@ from vdiff.models.rope import (
     apply_rope,
     audio_positions,
     audio_token_times,
+    clip_token_times,
     rope_angles,
     video_positions,
     video_token_times,
@@ -423,6 +424,10 @@ class DiT(nnx.Module):
         """``(features (B,L,text_width), pooled (B,text_width), mask)``; constant over sampling steps."""
         feats, pooled = self.text_encoder(tokens, mask)
         return feats, pooled, mask.astype(bool)
+
+    def clip_times(self, fps: jax.Array, num_latent_frames: int) -> jax.Array:
+        """``video_times`` (B, T'/pt) of clips at frame rates ``fps`` (B,)."""
+        return clip_token_times(fps, num_latent_frames, self.patch[0], self.temporal_down)
 
     def _attention_mask(self, lengths, audio_mask, text_mask, cross_modal):
         """Boolean ``(B, 1, L, L)`` mask over the [video, audio, text] token order."""

@@ -145,6 +145,16 @@ def video_token_times(
     return ((starts + ends) / 2.0 / fps).astype(np.float32)
 
 
+def clip_token_times(
+    fps: jax.Array, num_latent_frames: int, patch_t: int, temporal_down: int
+) -> jax.Array:
+    """``(B, T'/pt)`` seconds of each temporal video token of clips whose frames are at
+    ``fps`` (B,) frames per second: :func:`video_token_times` per clip, so a token's
+    time (and temporal RoPE angle) is its real time whatever the clip's frame rate."""
+    frames = video_token_times(num_latent_frames, patch_t, 1.0, temporal_down)
+    return jnp.asarray(frames)[None] / jnp.asarray(fps, jnp.float32).reshape(-1, 1)
+
+
 def audio_token_times(num_latents: int, patch: int, latents_per_second: float) -> np.ndarray:
     """Seconds of each audio token: the midpoint of the span of ``patch`` latents it covers."""
     if num_latents % patch:

@@ -1,20 +1,27 @@
-"""Data for every stage: shapes synth -> ArrayRecord ingest -> tokenizer -> clip streams.
+"""Data for every stage: shapes synth -> ArrayRecord ingest -> tokenizer -> bucketed clip streams.
+
+Every split's records are first sorted into shape buckets (:mod:`data_pipelines.buckets`)
+from the facts each record carries (width, height, frame count, frame rate), scanned
+once into ``DATA_ROOT/index`` by every process for its own run of records. Records no
+bucket takes are counted by reason.
 
 The clip shards hold encoded mp4. ``data.decode`` says how training reads them:
 
-- ``"cache"`` (the default): every clip decoded once at the first bucket (uint8 frames,
-  raw log-mel, caption tokens) into a decoded-frames cache, ArrayRecord shards under
-  ``DATA_ROOT/frames/<bucket>``, written by every process for its own run of records at
-  once and merged by process 0; each stage streams it. Decoding once instead of every
-  epoch is what keeps the main job inside its time budget; the cache costs disk (100 KB
-  of arrays a clip at 32x32x16 before ArrayRecord's compression) and the OS page cache does the rest.
+- ``"cache"`` (the default): every clip decoded once at its bucket (uint8 frames,
+  raw log-mel, caption tokens, frame rate) into a decoded-frames cache, ArrayRecord shards
+  under ``DATA_ROOT/frames/<tag>``, one cache split per (split, bucket) (``train.32x48x16``),
+  written by every process for its own run of records at once and merged by process 0;
+  each stage streams it. A clip's window is its epoch-0 draw. Decoding once instead of
+  every epoch is what keeps the main job inside its time budget; the cache costs disk
+  (100 KB of arrays a clip at 32x32x16 before ArrayRecord's compression) and the OS page
+  cache does the rest.
 - ``"stream"``: the grain workers decode the mp4 records at every step
-  (:func:`data_pipelines.pipeline.make_pipeline`), with a window drawn per step; nothing
-  is written beyond the records, which is what a corpus of millions of clips needs.
+  (:func:`data_pipelines.pipeline.make_pipeline`), with a window drawn per epoch; nothing
+  is written beyond the records and the index, which is what a corpus of millions of clips needs.
 
-Either way a stage reads a stream that holds a batch, never a split. Everything is
-written under the data root (``data.root`` or ``WORKDIR/data``) and reused while its
-tag matches.
+Either way a stage reads a :class:`~data_pipelines.bucket_stream.BucketedStream` that
+holds a batch of one bucket per step, never a split. Everything is written under the
+data root (``data.root`` or ``WORKDIR/data``) and reused while its tag matches.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines import clip_index
 from data_pipelines import latents as cache
+from data_pipelines.bucket_stream import BucketedStream, bucketed_stream
+from data_pipelines.buckets import Bucket, Strides, batch_sizes, check_buckets
 from data_pipelines.ingest import MANIFEST, ingest
 from data_pipelines.pipeline import (
     decode_example,
@@ -46,7 +56,7 @@ from data_pipelines.shapes.synth import synth_splits
 from data_pipelines.stream import READ_THREADS
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.errors import UserError
-from vdiff.manifest import file_sha256
+from vdiff.manifest import atomic_write_text, file_sha256
 from vdiff.train.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -71,35 +81,51 @@ class Examples:
     captions: list[str]
     keys: list[str]
     indices: np.ndarray  # int64 (N,): each clip's record index in its split's shards
+    fps: np.ndarray  # float32 (N,): each clip's frame rate
+    bucket: Bucket  # the shape every clip here has
 
     def __len__(self) -> int:
         return len(self.video)
 
 
-class DecodedClips:
-    """Random access to one split's clips decoded from mp4 at access time, at the first
-    bucket from 0 s: the decoded-frames record of each (see :func:`frame_fields`).
+def part_name(split: str, bucket: Bucket) -> str:
+    """The cache split of ``split``'s clips in ``bucket`` (e.g. ``train.32x48x16``)."""
+    return f"{split}.{bucket.name}"
 
-    :meth:`read` leaves out records that do not decode and counts them by reason in
-    :attr:`skipped`.
+
+class DecodedClips:
+    """Random access to the clips of one split's bucket, decoded from mp4 at access time
+    with the window of epoch 0: the decoded-frames record of each (see :func:`frame_fields`).
+
+    Position ``i`` is the bucket's ``i``-th member. :meth:`read` leaves out records that
+    do not decode and counts them by reason in :attr:`skipped`.
     """
 
-    def __init__(self, split_root: Path, config, tokenizer):
+    def __init__(self, split_root: Path, config, tokenizer, bucket: Bucket, members):
         self.split_root = Path(split_root)
-        self.bucket = tuple(int(x) for x in config.data.buckets[0])
+        self.bucket = bucket
+        self.members = np.asarray(members, np.int64)
+        self.seed = int(config.seed)
         self.settings = decode_settings(config, tokenizer)
         self.source = open_split(split_root)
         self.skipped: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.members)
 
-    def decode(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+    def decode(self, i: int) -> tuple[dict[str, Any] | None, str | None]:
         """(frames record, None) or (None, the reason it is skipped)."""
-        h, w, t = self.bucket
+        b, index = self.bucket, int(self.members[i])
         try:
             record = decode_record(self.source[index])
-            ex = decode_example(record, height=h, width=w, frames=t, **self.settings)
+            ex = decode_example(
+                record,
+                height=b.height,
+                width=b.width,
+                frames=b.frames,
+                window=(self.seed, 0, index),
+                **self.settings,
+            )
         except Exception as e:  # a bad clip is skipped and counted, never fatal
             return None, getattr(e, "reason", type(e).__name__)
         return {
@@ -109,35 +135,37 @@ class DecodedClips:
             **frame_fields(ex),
         }, None
 
-    def records(self, indices: Sequence[int], progress: str | None = None):
-        """The good records of ``indices`` in order, decoded by a few threads (PyAV
+    def records(self, positions: Sequence[int], progress: str | None = None):
+        """The good records at ``positions`` in order, decoded by a few threads (PyAV
         releases the GIL), at most :data:`DECODE_WINDOW` clips in flight."""
-        indices = list(indices)
+        positions = list(positions)
         with (
             concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
             tqdm(
-                total=len(indices), desc=progress, disable=progress is None, mininterval=2.0
+                total=len(positions), desc=progress, disable=progress is None, mininterval=2.0
             ) as bar,
         ):
-            for start in range(0, len(indices), DECODE_WINDOW):
-                for rec, reason in pool.map(self.decode, indices[start : start + DECODE_WINDOW]):
+            for start in range(0, len(positions), DECODE_WINDOW):
+                for rec, reason in pool.map(self.decode, positions[start : start + DECODE_WINDOW]):
                     bar.update(1)
                     if reason is not None:
                         self.skipped[reason] = self.skipped.get(reason, 0) + 1
                     else:
                         yield rec
 
-    def read(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The good records of ``indices`` stacked, as :meth:`CacheSource.read` gives them."""
-        recs = list(self.records(list(indices)))
+    def read(self, positions: Sequence[int]) -> dict[str, Any]:
+        """The good records at ``positions`` stacked, as :meth:`CacheSource.read` gives them."""
+        recs = list(self.records(list(positions)))
         if not recs:
-            raise UserError("no clip of the requested ones decodes at the bucket")
+            raise UserError(
+                f"no clip of the requested ones decodes at the bucket {self.bucket.name}"
+            )
         return cache.stack_records(recs)
 
 
 @dataclasses.dataclass
 class Data:
-    """Where every split's clips are, and what the stages need to read them."""
+    """Where every split's clips are, by bucket, and what the stages need to read them."""
 
     config: ml_collections.ConfigDict
     root: Path
@@ -145,17 +173,40 @@ class Data:
     frames: Path | None  # the decoded-frames cache (data.decode="cache")
     tokenizer: object
     mel_stats: dict[str, float]
-    counts: dict[str, int]  # clips per split (usable ones, with the cache)
-    tag: dict  # what the decoded clips come from (records, tokenizer, bucket, ...)
+    buckets: tuple[Bucket, ...]
+    members: dict[str, clip_index.SplitBuckets]  # per split: record indices by bucket
+    bucket_counts: dict[str, dict[str, int]]  # split -> bucket name -> usable clips
+    tag: dict  # what the decoded clips come from (records, tokenizer, buckets, ...)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Usable clips per split, all buckets together."""
+        return {s: sum(c.values()) for s, c in self.bucket_counts.items()}
 
     def splits(self) -> list[str]:
-        return list(self.counts)
+        return list(self.bucket_counts)
 
-    def source(self, split: str):
-        """Random access to ``split``'s decoded-frames records (``len``, ``read``)."""
+    def parts(self, split: str) -> list[Bucket]:
+        """The buckets that hold clips of ``split``, in config order."""
+        counts = self.bucket_counts[split]
+        return [b for b in self.buckets if counts.get(b.name, 0) > 0]
+
+    def head_bucket(self, split: str) -> Bucket:
+        """The first bucket holding clips of ``split`` (what the report evaluates)."""
+        parts = self.parts(split)
+        if not parts:
+            raise UserError(f"split {split} has no usable clip in any bucket")
+        return parts[0]
+
+    def source(self, split: str, bucket: Bucket | None = None):
+        """Random access to the decoded-frames records of ``split`` in ``bucket`` (default:
+        :meth:`head_bucket`): ``len`` and ``read``."""
+        bucket = bucket or self.head_bucket(split)
         if self.frames is not None:
-            return cache.CacheSource(self.frames, split, cache.FRAMES)
-        return DecodedClips(self.records / split, self.config, self.tokenizer)
+            return cache.CacheSource(self.frames, part_name(split, bucket), cache.FRAMES)
+        k = self.buckets.index(bucket)
+        members = self.members[split].members[k]
+        return DecodedClips(self.records / split, self.config, self.tokenizer, bucket, members)
 
     @property
     def mel_norm(self) -> dict[str, np.float32]:
@@ -165,37 +216,74 @@ class Data:
             "scale": np.float32(1.0 / self.mel_stats["std"]),
         }
 
-    def stream(self, split: str, fields: dict[str, str], *, batch_size: int, seed: int):
-        """This process's batches of ``split`` (``fields``: batch key -> frames field;
-        the ``audio`` field, raw log-mel, comes normalised)."""
+    def stream(
+        self,
+        split: str,
+        fields: dict[str, str],
+        *,
+        batch_sizes: dict[str, int],
+        seed: int,
+        images: bool = True,
+    ) -> BucketedStream:
+        """This process's batches of ``split``, one bucket per step.
+
+        Args:
+            fields: batch key -> frames field; the ``audio`` field (raw log-mel) comes
+                normalised.
+            batch_sizes: Bucket name -> per-process batch (see :func:`bucket_batches`).
+            seed: The stream seed (equal on every process).
+            images: Include the 1-frame buckets (the audio stage leaves them out: an
+                image has no sound).
+        """
         norms = {k: self.mel_norm for k, f in fields.items() if f == "audio"}
         transform = cache.RecordFields(fields, norms)
         d = self.config.data
-        if self.frames is None:
-            return make_pipeline(
-                self.config,
-                self.records / split,
-                tokenizer=self.tokenizer,
-                batch_size=batch_size,
+
+        def make_stream(k: int, bucket: Bucket, batch: int, seed: int):
+            if self.frames is None:
+                return make_pipeline(
+                    self.config,
+                    self.records / split,
+                    tokenizer=self.tokenizer,
+                    batch_size=batch,
+                    seed=seed,
+                    transform=transform,
+                    bucket=bucket,
+                    members=self.members[split].members[k],
+                )
+            return cache.cache_stream(
+                self.frames,
+                part_name(split, bucket),
+                transform,
+                batch_size=batch,
                 seed=seed,
-                transform=transform,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                kind=cache.FRAMES,
+                worker_count=int(d.num_workers),
+                prefetch=int(d.prefetch),
             )
-        return cache.cache_stream(
-            self.frames,
-            split,
-            transform,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            kind=cache.FRAMES,
-            worker_count=int(d.num_workers),
-            prefetch=int(d.prefetch),
-        )
+
+        try:
+            return bucketed_stream(
+                self.buckets,
+                self.bucket_counts[split],
+                make_stream,
+                batch_sizes=batch_sizes,
+                seed=seed,
+                process_count=jax.process_count(),
+                image_share=float(d.image_share),
+                images=images,
+                what=f"{split} clips",
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def head(self, split: str, k: int) -> Examples:
-        """The first ``k`` clips of ``split`` (fewer if it holds fewer), in memory."""
-        src = self.source(split)
+        """The first ``k`` clips of ``split``'s :meth:`head_bucket` (fewer if it holds
+        fewer), in memory."""
+        bucket = self.head_bucket(split)
+        src = self.source(split, bucket)
         rows = src.read(range(min(k, len(src))))
         n = len(rows["video"])
         mel = rows.get("audio", np.zeros((n, 1, 1), np.float32))
@@ -210,7 +298,20 @@ class Data:
             captions=rows["caption"],
             keys=rows["key"],
             indices=rows["index"],
+            fps=rows["fps"],
+            bucket=bucket,
         )
+
+
+def bucket_batches(config, base_batch: int, divisor: int, explicit=()) -> dict[str, int]:
+    """Bucket name -> global batch of a stage whose first bucket takes ``base_batch``
+    clips: ``explicit`` sizes, else the same token budget for every bucket
+    (:func:`data_pipelines.buckets.batch_sizes`)."""
+    buckets = check_buckets(config.data.buckets, Strides.from_config(config))
+    sizes = batch_sizes(
+        buckets, base_batch, Strides.from_config(config), divisor=divisor, explicit=explicit
+    )
+    return {b.name: n for b, n in zip(buckets, sizes, strict=True)}
 
 
 def data_root(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -297,23 +398,68 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     splits = [s for s in SPLITS if (records / s).is_dir()]
     if "train" not in splits:
         raise UserError(f"no train split under {records}; check data.root")
+    buckets = check_buckets(config.data.buckets, Strides.from_config(config))
+    members = {s: _split_buckets(config, root, records, s, buckets) for s in splits}
+    for split, m in members.items():
+        log.info(
+            "%s: clips by bucket %s; no bucket for %s",
+            split, m.counts(), m.skipped or "none",
+        )  # fmt: skip
     tag = _clips_tag(config, records, splits, tok_path)
-    common = dict(config=config, root=root, records=records, tokenizer=tokenizer, tag=tag)
+    common = dict(
+        config=config, root=root, records=records, tokenizer=tokenizer, tag=tag,
+        buckets=buckets, members=members,
+    )  # fmt: skip
     if mode == "stream":
         return Data(
             frames=None,
-            mel_stats=_sampled_mel_stats(config, records / "train", tokenizer),
-            counts={s: len(open_split(records / s)) for s in splits},
+            mel_stats=_sampled_mel_stats(config, records / "train", tokenizer, members["train"]),
+            bucket_counts={s: m.counts() for s, m in members.items()},
             **common,
         )
-    frames = _frames_cache(config, root, records, splits, tokenizer, tag)
+    frames = _frames_cache(config, root, records, splits, tokenizer, tag, members)
     meta = cache.read_meta(frames, cache.FRAMES)
-    return Data(
-        frames=frames,
-        mel_stats=meta["mel_stats"],
-        counts={split: e["count"] for split, e in meta["splits"].items()},
-        **common,
-    )
+    counts = {s: {b.name: 0 for b in buckets} for s in splits}
+    for part, entry in meta["splits"].items():
+        split, name = part.split(".", 1)
+        counts[split][name] = entry["count"]
+    return Data(frames=frames, mel_stats=meta["mel_stats"], bucket_counts=counts, **common)
+
+
+def _split_buckets(
+    config, root: Path, records: Path, split: str, buckets
+) -> clip_index.SplitBuckets:
+    """``split``'s records by bucket, from their facts (scanned once into
+    ``root/index``: every process reads its own run of records, all read every part)."""
+    out = root / "index"
+    sha = file_sha256(records / split / MANIFEST)
+    meta_path = out / f"{split}.json"
+
+    def current():
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        return meta if meta.get("manifest") == sha else None
+
+    def part(p: int, n: int) -> Path:
+        return out / f"{split}.{sha[:16]}.p{p:05d}-of-{n:05d}.npz"
+
+    meta = current()
+    barrier(f"vdiff_index_check_{split}")  # every process decided before anyone writes
+    if meta is None:
+        pi, pc = jax.process_index(), jax.process_count()
+        src = open_split(records / split)
+        lo, hi = len(src) * pi // pc, len(src) * (pi + 1) // pc
+        out.mkdir(parents=True, exist_ok=True)
+        clip_index.save_facts(part(pi, pc), clip_index.read_facts(src, range(lo, hi)))
+        barrier(f"vdiff_index_parts_{split}")
+        if pi == 0:
+            atomic_write_text(meta_path, json.dumps({"manifest": sha, "parts": pc}))
+        barrier(f"vdiff_index_meta_{split}")
+        meta = current()
+    n = int(meta["parts"])
+    facts = clip_index.load_facts([part(p, n) for p in range(n)])
+    return clip_index.SplitBuckets.assign(facts, buckets, float(config.data.fps))
 
 
 def _clips_tag(config, records: Path, splits: list[str], tok_path: Path) -> dict:
@@ -322,11 +468,12 @@ def _clips_tag(config, records: Path, splits: list[str], tok_path: Path) -> dict
     return {
         "records": {s: file_sha256(records / s / MANIFEST) for s in splits},
         "tokenizer": file_sha256(tok_path),
-        "bucket": [int(x) for x in d.buckets[0]],
+        "buckets": [[int(x) for x in b] for b in d.buckets],
         "fps": float(d.fps),
+        "seed": int(config.seed),  # the clip windows
         "caption_len": int(d.caption_len),
         "audio": bool(d.audio),
-        "mel": [int(d.sample_rate), int(d.hop), int(d.n_mels)],
+        "mel": [int(d.sample_rate), int(d.hop), int(d.n_mels), int(config.audio_ae.time_down)],
     }
 
 
@@ -337,71 +484,98 @@ def _mel_stats(moments: cache.Moments | None) -> dict[str, float]:
     return {"mean": float(mean[0]), "std": float(std[0] + 1e-6)}
 
 
-def _sampled_mel_stats(config, train: Path, tokenizer) -> dict[str, float]:
-    """Raw log-mel mean and std over the first :data:`MEL_STATS_CLIPS` train clips (every
-    process computes the same numbers)."""
+def _sampled_mel_stats(config, train: Path, tokenizer, members: clip_index.SplitBuckets):
+    """Raw log-mel mean and std over up to :data:`MEL_STATS_CLIPS` train clips with audio,
+    the first of each video bucket in turn (every process computes the same numbers)."""
     if not config.data.audio:
         return _mel_stats(None)
-    clips = DecodedClips(train, config, tokenizer)
     moments = None
-    for rec in clips.records(range(min(MEL_STATS_CLIPS, len(clips)))):
-        if rec["audio"] is not None:
-            moments = moments or cache.Moments(rec["audio"].shape[-1])
-            moments.add(rec["audio"])
+    buckets = [
+        (b, m) for b, m in zip(members.buckets, members.members) if not b.is_image and len(m)
+    ]
+    for b, m in buckets:
+        clips = DecodedClips(train, config, tokenizer, b, m)
+        for rec in clips.records(range(min(MEL_STATS_CLIPS // len(buckets) + 1, len(clips)))):
+            if rec["audio"] is not None and rec["has_audio"]:
+                moments = moments or cache.Moments(rec["audio"].shape[-1])
+                moments.add(rec["audio"])
     return _mel_stats(moments)
 
 
-def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dict) -> Path:
-    """Decodes every split once at the first bucket into ``root/frames/HxWxT_...``.
+def _cache_folder(config) -> str:
+    d = config.data
+    names = [Bucket(*map(int, b)).name for b in d.buckets]
+    label = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
+    return f"{label}_{d.fps:g}fps_L{d.caption_len}"
 
-    Each process decodes a consecutive run of each split's records and writes its own
-    part (:class:`~data_pipelines.latents.PartWriter`); process 0 merges the parts and
-    writes ``frames.json`` last, with the raw log-mel statistics of the train split.
-    Records that do not decode at the bucket are skipped and counted by reason.
+
+def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dict, members) -> Path:
+    """Decodes every split once, each clip at its bucket, into ``root/frames/<buckets>_...``.
+
+    Each process decodes a consecutive run of each (split, bucket)'s records and writes
+    its own part (:class:`~data_pipelines.latents.PartWriter`); process 0 merges the
+    parts and writes ``frames.json`` last, with the raw log-mel statistics of the train
+    split. Records that do not decode at their bucket are skipped and counted by reason,
+    beside the records no bucket takes.
     """
     d = config.data
-    h, w, t = d.buckets[0]
-    out = root / "frames" / f"{h}x{w}x{t}_{d.fps:g}fps_L{d.caption_len}"
+    out = root / "frames" / _cache_folder(config)
     try:
         meta = cache.read_meta(out, cache.FRAMES)
     except UserError as e:
         log.warning("decoding the clips again: %s", e)
         meta = None
     if meta is not None and meta["tag"] == tag:
-        for split in splits:
-            cache.check_split(out, split, meta, cache.FRAMES)
+        for part in meta["splits"]:
+            cache.check_split(out, part, meta, cache.FRAMES)
         return out
     pi, pc = jax.process_index(), jax.process_count()
     if pi == 0:
         cache.clear_cache(out, cache.FRAMES)
     barrier("vdiff_frames_clear")
     for split in splits:
-        _decode_part(config, records / split, out, split, tokenizer, pi, pc)
+        m = members[split]
+        for bucket, idx in zip(m.buckets, m.members):
+            if len(idx):
+                _decode_part(config, records / split, out, split, bucket, idx, tokenizer, pi, pc)
     barrier("vdiff_frames_parts")
     if pi == 0:
-        entries, skipped, mel = {}, {}, _mel_stats(None)
+        entries, skipped, mel, train_moments = {}, {}, _mel_stats(None), None
         for split in splits:
-            skipped[split] = _skip_counts(out, split, pc)
-            if not _part_counts(out, split, pc):
+            m = members[split]
+            skipped[split] = dict(m.skipped)
+            for bucket, idx in zip(m.buckets, m.members):
+                if not len(idx):
+                    continue
+                part = part_name(split, bucket)
+                for reason, n in _skip_counts(out, part, pc).items():
+                    skipped[split][reason] = skipped[split].get(reason, 0) + n
+                if not _part_counts(out, part, pc):
+                    continue
+                entries[part], moments = cache.merge_parts(out, part, pc)
+                if split == "train" and "audio" in moments:
+                    if train_moments is None:
+                        train_moments = moments["audio"]
+                    else:
+                        train_moments.merge(moments["audio"])
+            if not any(p.startswith(f"{split}.") for p in entries):
                 counts = ", ".join(f"{n} {r}" for r, n in sorted(skipped[split].items()))
                 raise UserError(
-                    f"split {split} ({records / split}) has no usable clip for the bucket "
-                    f"{h}x{w}x{t} at {d.fps:g} fps: {counts or 'no records'}; check its "
+                    f"split {split} ({records / split}) has no usable clip for any bucket of "
+                    f"data.buckets at {d.fps:g} fps: {counts or 'no records'}; check its "
                     "manifest.json and data.buckets / data.fps"
                 )
-            entries[split], moments = cache.merge_parts(out, split, pc)
-            if split == "train":
-                mel = _mel_stats(moments.get("audio"))
+        mel = _mel_stats(train_moments)
         extra = {"mel_stats": mel, "skipped": skipped}
         cache.write_meta(out, tag, entries, {}, cache.FRAMES, extra)
         log.info(
             "decoded frames in %s: %s",
             out,
-            ", ".join(
-                f"{s} {e['count']} clips ({sum(skipped[s].values())} skipped)"
-                for s, e in entries.items()
-            ),
+            ", ".join(f"{s} {e['count']} clips" for s, e in entries.items()),
         )
+        for split, reasons in skipped.items():
+            if reasons:
+                log.warning("%s: %d clips skipped: %s", split, sum(reasons.values()), reasons)
     barrier("vdiff_frames_meta")
     return out
 
@@ -425,14 +599,16 @@ def _skip_counts(out: Path, split: str, pc: int) -> dict[str, int]:
 
 
 def _decode_part(
-    config, split_root: Path, out: Path, split: str, tokenizer, pi: int, pc: int
+    config, split_root: Path, out: Path, split: str, bucket: Bucket, members, tokenizer, pi, pc
 ) -> None:
-    """Process ``pi``'s consecutive run of the split's records -> its part of the cache."""
-    clips = DecodedClips(split_root, config, tokenizer)
+    """Process ``pi``'s consecutive run of a bucket's records -> its part of the cache."""
+    clips = DecodedClips(split_root, config, tokenizer, bucket, members)
     lo, hi = len(clips) * pi // pc, len(clips) * (pi + 1) // pc
-    writer = cache.PartWriter(out, split, pi, pc, moments=("audio",) if split == "train" else ())
+    part = part_name(split, bucket)
+    writer = cache.PartWriter(out, part, pi, pc, moments=("audio",) if split == "train" else ())
     try:
-        for rec in clips.records(range(lo, hi), progress=f"decode {split}" if pi == 0 else None):
+        progress = f"decode {part}" if pi == 0 else None
+        for rec in clips.records(range(lo, hi), progress=progress):
             writer.write(rec)
     except BaseException:
         writer.abort()
@@ -440,7 +616,7 @@ def _decode_part(
     if clips.skipped:
         log.warning(
             "%s: skipped %d clips that do not decode at the bucket: %s",
-            split,
+            part,
             sum(clips.skipped.values()),
             clips.skipped,
         )

@@ -60,6 +60,20 @@ def _restore_position(name: str, source: BatchSource, data_state: dict) -> None:
         raise UserError(f"{name}: {e}") from e
 
 
+def warm_up(name: str, engine: Engine, state: dict, source) -> dict[str, float]:
+    """Compiles the step for every bucket of ``source`` on its first real batch (kept
+    for its step), so a run never stalls mid-way on a bucket drawn late; returns the
+    seconds each compile took, by bucket."""
+    seconds = {}
+    for k, bucket in enumerate(getattr(source, "names", [])):
+        batch = to_global(source.peek(k), engine.mesh, engine.batch_axes)
+        t0 = time.time()
+        engine.lower(state, batch).compile()
+        seconds[bucket] = time.time() - t0
+        log.info("%s: compiled the step for bucket %s in %.1f s", name, bucket, seconds[bucket])
+    return seconds
+
+
 class PreemptedError(Exception):
     """Raised after a signal-triggered save; the CLI exits 0 with a message."""
 
@@ -95,8 +109,10 @@ def run_stage(
         log.info("%s: resumed from step %d", name, start)
     else:
         start, state = 0, engine.init(seed)
-    writer = MetricWriter(workdir / "metrics" / name)
     summary: dict[str, Any] = {"start_step": start}
+    if start < steps and hasattr(source, "peek"):
+        summary["compile_s"] = warm_up(name, engine, state, source)
+    writer = MetricWriter(workdir / "metrics" / name)
     t0 = time.time()
     step = start
     last: dict[str, float] = {}
@@ -146,4 +162,6 @@ def run_stage(
     summary.update(
         end_step=step, wall_s=time.time() - t0, **{f"final_{k}": v for k, v in last.items()}
     )
+    if hasattr(source, "steps_by_bucket"):
+        summary["bucket_steps"] = source.steps_by_bucket()
     return state, summary

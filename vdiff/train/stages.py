@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -28,13 +29,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipelines import latents as lc
+from data_pipelines.bucket_stream import bucketed_stream
 from vdiff.diffusion.flow import flow_loss
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.dit import DiT, DiTSizes
 from vdiff.models.losses import audio_ae_loss, vae_loss
 from vdiff.models.video_vae import VideoVAE, from_pixels, normalize
-from vdiff.train.data import Data
+from vdiff.train.data import Data, bucket_batches, part_name
 from vdiff.train.distributed import barrier
 from vdiff.train.engine import Engine, OptimConfig
 from vdiff.train.loop import run_stage
@@ -43,8 +45,15 @@ from vdiff.train.trained import LatentCache, LatentStats, Trained, TrainedModel
 log = logging.getLogger(__name__)
 
 
-def _per_process(batch_size: int) -> int:
-    return batch_size // jax.process_count()
+def stage_batches(config, engine: Engine, base_batch: int, explicit=()) -> dict[str, int]:
+    """Bucket name -> this process's batch for a stage whose first bucket takes
+    ``base_batch`` clips a step (:func:`vdiff.train.data.bucket_batches`): every global
+    batch divides by the devices it is split over and by the process count."""
+    mesh = engine.mesh
+    devices = math.prod(mesh.shape[a] for a in engine.batch_axes)
+    divisor = math.lcm(devices, jax.process_count())
+    sizes = bucket_batches(config, base_batch, divisor, explicit)
+    return {name: n // jax.process_count() for name, n in sizes.items()}
 
 
 def _stage_engine(
@@ -143,9 +152,13 @@ def audio_ae_engine(config, mesh) -> Engine:
 _STAGE_SEEDS = {"vae": 1, "audio_ae": 2, "dit": 3}
 
 
-def _run(name, engine, stream_for, config, workdir, steps, batch_size, time_budget_s=None):
-    """Runs a stage on ``stream_for(batch_size, seed)``: this process's batches."""
-    source = stream_for(_per_process(batch_size), config.seed + _STAGE_SEEDS[name])
+def _run(
+    name, engine, stream_for, config, workdir, steps, batch_size, time_budget_s=None, explicit=()
+):
+    """Runs a stage on ``stream_for(batch_sizes, seed)``: this process's batches, with
+    per-bucket batch sizes scaled from ``batch_size`` (:func:`stage_batches`)."""
+    batches = stage_batches(config, engine, batch_size, explicit)
+    source = stream_for(batches, config.seed + _STAGE_SEEDS[name])
     t = config.train
     return run_stage(
         name,
@@ -161,12 +174,12 @@ def _run(name, engine, stream_for, config, workdir, steps, batch_size, time_budg
     )
 
 
-def _clips(data: Data, fields: dict[str, str], split: str = "train"):
-    """``stream_for(batch_size, seed)`` over ``split``'s decoded clips (``fields``: batch
-    key -> decoded-frames field)."""
+def _clips(data: Data, fields: dict[str, str], split: str = "train", *, images: bool = True):
+    """``stream_for(batch_sizes, seed)`` over ``split``'s decoded clips, every bucket
+    (``fields``: batch key -> decoded-frames field; ``images``: with the 1-frame buckets)."""
 
-    def stream_for(batch_size: int, seed: int):
-        return data.stream(split, fields, batch_size=batch_size, seed=seed)
+    def stream_for(batch_sizes: dict[str, int], seed: int):
+        return data.stream(split, fields, batch_sizes=batch_sizes, seed=seed, images=images)
 
     return stream_for
 
@@ -216,7 +229,7 @@ def train_audio_ae(config, workdir: Path, mesh, data: Data) -> tuple[TrainedMode
     state, summary = _run(
         "audio_ae",
         engine,
-        _clips(data, {"mel": "audio"}),
+        _clips(data, {"mel": "audio"}, images=False),
         config,
         workdir,
         config.audio_ae.steps,
@@ -297,9 +310,9 @@ def _encode_padded(fn, x: np.ndarray) -> np.ndarray:
     return np.asarray(fn(x))[:n]
 
 
-def _encode_part(data: Data, split: str, fns, writer: lc.PartWriter) -> None:
-    """This process's consecutive run of ``split``'s clips -> latent records."""
-    src = data.source(split)
+def _encode_part(data: Data, split: str, bucket, fns, writer: lc.PartWriter) -> None:
+    """This process's consecutive run of ``split``'s clips in ``bucket`` -> latent records."""
+    src = data.source(split, bucket)
     pi, pc = jax.process_index(), jax.process_count()
     lo, hi = len(src) * pi // pc, len(src) * (pi + 1) // pc
     norm = data.mel_norm
@@ -321,6 +334,7 @@ def _encode_part(data: Data, split: str, fns, writer: lc.PartWriter) -> None:
                     "tokens": rows["tokens"][i],
                     "mask": rows["mask"][i],
                     "caption": rows["caption"][i],
+                    "fps": float(rows["fps"][i]),
                 }
             )
 
@@ -354,9 +368,10 @@ def cache_latents(
     except UserError as e:  # a foreign or older cache: this stage owns the folder, so rebuild
         log.warning("rebuilding the latent cache: %s", e)
         meta = None
-    if meta is not None and meta["tag"] == tag and set(want) <= set(meta["splits"]):
-        for split in want:
-            lc.check_split(out_dir, split, meta)
+    want_parts = [part_name(s, b) for s in want for b in data.parts(s)]
+    if meta is not None and meta["tag"] == tag and set(want_parts) <= set(meta["splits"]):
+        for part in want_parts:
+            lc.check_split(out_dir, part, meta)
         log.info("latent cache %s matches the autoencoders; reusing it", out_dir)
         return LatentCache(out_dir, lc.load_stats(out_dir), meta)
 
@@ -366,30 +381,36 @@ def cache_latents(
         lc.clear_cache(out_dir)
     barrier("vdiff_latents_clear")
     fns = encoder_fns(trained)
-    for split in want or ["train"]:
+    parts = [(split, b) for split in want or ["train"] for b in data.parts(split)]
+    for split, bucket in parts:
         writer = lc.PartWriter(
             out_dir,
-            split,
+            part_name(split, bucket),
             pi,
             pc,
             moments=("video", "audio") if split == "train" else (),
             keep_records=bool(want),
         )
         try:
-            _encode_part(data, split, fns, writer)
+            _encode_part(data, split, bucket, fns, writer)
         except BaseException:
             writer.abort()
             raise
         writer.close()
     barrier("vdiff_latents_parts")
     if pi == 0:
-        entries = {}
-        for split in want or ["train"]:
-            entry, moments = lc.merge_parts(out_dir, split, pc)
+        entries, train_moments = {}, {}
+        for split, bucket in parts:
+            entry, moments = lc.merge_parts(out_dir, part_name(split, bucket), pc)
             if split in want:
-                entries[split] = entry
-            if split == "train":
-                stats = {mod: m.latent_stats() for mod, m in moments.items()}
+                entries[part_name(split, bucket)] = entry
+            if split == "train":  # the statistics pool every train bucket
+                for mod, m in moments.items():
+                    if mod in train_moments:
+                        train_moments[mod].merge(m)
+                    else:
+                        train_moments[mod] = m
+        stats = {mod: m.latent_stats() for mod, m in train_moments.items()}
         lc.write_meta(out_dir, tag, entries, stats)
     barrier("vdiff_latents_meta")
     meta = lc.read_meta(out_dir)
@@ -479,23 +500,28 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
 
 def dit_latent_fields(config, latents: LatentCache) -> dict[str, str]:
     """Transformer input -> latent record field, for ``data.dit_input="latents"``."""
-    fields = {"video_latents": "video", "tokens": "tokens", "mask": "mask"}
+    fields = {"video_latents": "video", "tokens": "tokens", "mask": "mask", "fps": "fps"}
     if config.data.audio and "audio" in latents.stats:
         fields.update(audio_latents="audio", has_audio="has_audio")
     return fields
 
 
-def dit_latent_stream(config, latents: LatentCache, split: str = "train"):
-    """``stream_for(batch_size, seed)``: normalised latents, tokens, mask from the cache."""
+def dit_latent_stream(config, data: Data, latents: LatentCache, split: str = "train"):
+    """``stream_for(batch_sizes, seed)``: normalised latents, tokens, mask and frame rate
+    from the cache, one bucket per step."""
     fields = dit_latent_fields(config, latents)
     norms = {k: latents.stats[f] for k, f in fields.items() if f in ("video", "audio")}
+    counts = {
+        b.name: latents.meta["splits"].get(part_name(split, b), {}).get("count", 0)
+        for b in data.buckets
+    }
 
-    def stream_for(batch_size: int, seed: int):
+    def make_stream(k, bucket, batch: int, seed: int):
         return lc.cache_stream(
             latents.dir,
-            split,
+            part_name(split, bucket),
             lc.RecordFields(fields, norms),
-            batch_size=batch_size,
+            batch_size=batch,
             seed=seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -503,12 +529,27 @@ def dit_latent_stream(config, latents: LatentCache, split: str = "train"):
             prefetch=int(config.data.prefetch),
         )
 
+    def stream_for(batch_sizes: dict[str, int], seed: int):
+        try:
+            return bucketed_stream(
+                data.buckets,
+                counts,
+                make_stream,
+                batch_sizes=batch_sizes,
+                seed=seed,
+                process_count=jax.process_count(),
+                image_share=float(config.data.image_share),
+                what=f"{split} latents",
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
     return stream_for
 
 
 def dit_clip_fields(config, stats: dict) -> dict[str, str]:
     """Transformer input -> frame field, for "clips" (uint8 video, normalised mel)."""
-    fields = {"video": "video", "tokens": "tokens", "mask": "mask"}
+    fields = {"video": "video", "tokens": "tokens", "mask": "mask", "fps": "fps"}
     if config.data.audio and "audio" in stats:
         fields.update(mel="audio", has_audio="has_audio")
     return fields
@@ -521,7 +562,7 @@ def train_dit(
     the decoded clips, encoding each batch with the frozen autoencoders in ``trained``."""
     if dit_input(config) == "latents":
         engine = dit_engine(config, mesh)
-        stream_for = dit_latent_stream(config, latents)
+        stream_for = dit_latent_stream(config, data, latents)
     else:
         if trained.vae is None:
             raise UserError(
@@ -531,6 +572,13 @@ def train_dit(
         engine = dit_engine(config, mesh, encode=clip_encoder(config, trained, latents.stats))
         stream_for = _clips(data, dit_clip_fields(config, latents.stats))
     state, summary = _run(
-        "dit", engine, stream_for, config, workdir, config.train.steps, config.train.batch_size
+        "dit",
+        engine,
+        stream_for,
+        config,
+        workdir,
+        config.train.steps,
+        config.train.batch_size,
+        explicit=tuple(config.data.bucket_batch),
     )
     return TrainedModel(engine, state), summary
