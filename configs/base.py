@@ -40,10 +40,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.image_share = -1.0
     d.num_workers = 0  # grain worker processes (0 = in-process)
     d.prefetch = 2
-    # How training reads clips: "cache" decodes every clip once at the first bucket into a
+    # How training reads clips: "cache" decodes every clip once at its bucket into a
     # decoded-frames cache (DATA_ROOT/frames, ArrayRecord; ~16 KB a shapes clip at 32x32x16) and
     # streams it; "stream" decodes the mp4 records in the grain workers at every step, with
-    # a window drawn per step (no disk beyond the records: the path for large corpora).
+    # a window drawn per epoch (no disk beyond the records: the path for large corpora).
     d.decode = "cache"
     # What the transformer stage trains from: "latents" reads the latent cache written once
     # (WORKDIR/latents, ArrayRecord shards; the fast default when the autoencoders are

@@ -99,23 +99,21 @@ class BucketedStream:
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues every bucket stream where the state left it.
 
-        A plain stream state (a checkpoint from before buckets) restores a one-bucket
-        stream. Raises ValueError if the state names other buckets.
+        Raises:
+            ValueError: If the state names other buckets, or is not a bucketed state (a
+                checkpoint written before shape buckets).
         """
         self._held.clear()
         if (
             isinstance(state, dict)
+            and "format" not in state
             and state.get("version") == STREAM_VERSION
-            and "buckets" not in state
         ):
-            if len(self.streams) != 1:
-                raise ValueError(
-                    f"the checkpoint's data stream has one bucket, this run has {len(self.names)} "
-                    f"({', '.join(self.names)}); resume with the buckets it was saved with"
-                )
-            self.streams[0].set_state(state)
-            self.step = int(state["position"]) // self.streams[0].global_batch
-            return
+            raise ValueError(
+                "the checkpoint's data stream was saved before shape buckets (one stream "
+                "for the whole split); finish that run with the vdiff that wrote it, or "
+                "train the stage again in a new workdir"
+            )
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"not a vdiff bucketed stream state: {state!r:.200}")
         saved = state["buckets"]

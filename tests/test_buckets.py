@@ -201,6 +201,10 @@ def test_bucketed_stream_resumes_where_it_stopped(mixed):
         seed=3, process_count=1,
     ) as again:  # fmt: skip
         again.peek(0)  # a warm-up read ahead changes nothing
+        with pytest.raises(ValueError, match="saved before shape buckets"):
+            again.set_state(again.streams[0].get_state())  # one stream's state, not a bucketed one
+        with pytest.raises(ValueError, match=r"buckets .* differ from this run's"):
+            again.set_state({**state, "buckets": dict(list(state["buckets"].items())[1:])})
         again.set_state(state)
         again.peek(len(again.names) - 1)
         rest = [next(again) for _ in range(7)]

@@ -169,9 +169,11 @@ def write_report(config, workdir: Path, mesh, data, trained: Trained) -> dict:
         prompts = split.captions[:k]
         t = time.time()
         start = dict(start_videos=split.video[:k], t_start=t_start) if t_start < 1.0 else {}
+        b = split.bucket  # the clips' shape (the first bucket that holds this split's clips)
         out = gen.generate(
-            prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal, **start
-        )
+            prompts, cfg=cfg, seed=config.sample.seed, cross_modal=cross_modal,
+            height=b.height, width=b.width, num_frames=b.frames, **start,
+        )  # fmt: skip
         metrics[f"{prefix}.seconds_per_clip"] = (time.time() - t) / k
         metrics.update(_oracle(prefix, out["video"], prompts))
         if "audio" in out:

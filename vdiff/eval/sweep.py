@@ -223,6 +223,9 @@ class _Sweep:
             seed=c0.seed,
             prompt_ids=[c.prompt_index for c in cells],
             batch_size=len(cells),
+            height=self.val.bucket.height,  # the val clips' shape, which the features compare to
+            width=self.val.bucket.width,
+            num_frames=self.val.bucket.frames,
         )
         seconds = (time.time() - t) / len(cells)
         n = nfe(c0.steps, c0.sampler, c0.cfg)
