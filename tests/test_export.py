@@ -137,7 +137,8 @@ def bundles(workdir, generator, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundles")
     assert cli.run(["export", "--workdir", str(workdir), "--out", str(root / "f32")]) == 0
-    export_generator(generator, root / "bf16", dtype="bfloat16")
+    # The bf16 bundle: the default bucket only (what its comparison uses).
+    export_generator(generator, root / "bf16", dtype="bfloat16", buckets=["32x32x16"])
     return {"f32": root / "f32", "bf16": root / "bf16"}
 
 
@@ -228,6 +229,7 @@ def test_bf16_bundle_is_close_to_the_generator(served, reference, bundles):
         assert np.abs(out[key] - f32[key]).max() > 1e-4, key
     size = {k: (p / serving.PARAMS_FILE).stat().st_size for k, p in bundles.items()}
     assert size["bf16"] < 0.55 * size["f32"]
+    assert serving.load_bundle(bundles["bf16"]).buckets() == ["32x32x16"]  # as asked
 
 
 def test_every_bundle_file_is_a_known_non_pickle_format(bundles):
@@ -265,6 +267,9 @@ def test_export_refuses_an_existing_out_folder(workdir, bundles):
 
     with pytest.raises(UserError, match="already exists; remove it or pick another folder"):
         cli.run(["export", "--workdir", str(workdir), "--out", str(bundles["f32"])])
+    with pytest.raises(UserError, match="--buckets 64x64x16: not buckets of this run; it trained"):
+        cli.run(["export", "--workdir", str(workdir), "--out", str(bundles["f32"].parent / "x"),
+                 "--buckets", "64x64x16"])  # fmt: skip
 
 
 def test_denoise_step_is_batch_polymorphic(bundles):

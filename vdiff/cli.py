@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="export the EMA weights (default) or the raw ones (--no-ema)",
     )
+    p.add_argument(
+        "--buckets",
+        default=None,
+        help="comma-separated HxWxT buckets of the run to export (default: every one)",
+    )
 
     p = sub.add_parser("data", help="prepare data: synth, ingest, tokenizer, latents")
     dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")

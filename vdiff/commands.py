@@ -80,7 +80,10 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def export(args: argparse.Namespace, overrides: list[str]) -> int:
-    export_workdir(Path(args.workdir), Path(args.out), dtype=args.dtype, use_ema=args.ema)
+    buckets = args.buckets.split(",") if args.buckets else None
+    export_workdir(
+        Path(args.workdir), Path(args.out), dtype=args.dtype, use_ema=args.ema, buckets=buckets
+    )
     print(args.out)
     return 0
 

@@ -77,7 +77,12 @@ PLATFORMS = ("cpu", "cuda")
 
 
 def export_workdir(
-    workdir: Path, out: Path, *, dtype: str = "float32", use_ema: bool = True
+    workdir: Path,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    use_ema: bool = True,
+    buckets: list[str] | None = None,
 ) -> dict:
     """Exports a workdir written by ``vdiff train`` to bundle folder ``out``; returns the manifest."""
 
@@ -85,11 +90,19 @@ def export_workdir(
     _check_out(Path(out))
     gen = Generator.from_workdir(workdir, use_ema=use_ema)
     config_json = (workdir / "config.json").read_text()
-    return export_generator(gen, out, dtype=dtype, use_ema=use_ema, config_json=config_json)
+    return export_generator(
+        gen, out, dtype=dtype, use_ema=use_ema, config_json=config_json, buckets=buckets
+    )
 
 
 def export_generator(
-    gen, out: Path, *, dtype: str = "float32", use_ema: bool = True, config_json: str | None = None
+    gen,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    use_ema: bool = True,
+    config_json: str | None = None,
+    buckets: list[str] | None = None,
 ) -> dict:
     """Exports a :class:`vdiff.sampling.Generator`'s models to bundle folder ``out``.
 
@@ -100,6 +113,8 @@ def export_generator(
             transformer's compute dtype (the sampler state and the decoders stay float32).
         use_ema: recorded in the manifest (which weights ``gen`` holds).
         config_json: the run config text to store (default: ``gen.config`` as JSON).
+        buckets: the names of the config's buckets to export (``HxWxT``; default every
+            one), in the config's order; the first is the bundle's default.
 
     Returns:
         The manifest written to ``out/bundle.json``.
@@ -111,7 +126,13 @@ def export_generator(
     t0 = time.time()
     c = gen.config
     with_audio = gen.audio_ae is not None and gen.dit.has_audio
-    buckets = check_buckets(c.data.buckets)
+    trained = check_buckets(c.data.buckets)
+    if unknown := sorted(set(buckets or ()) - {b.name for b in trained}):
+        raise UserError(
+            f"--buckets {', '.join(unknown)}: not buckets of this run; it trained "
+            f"{', '.join(b.name for b in trained)}"
+        )
+    buckets = [b for b in trained if not buckets or b.name in buckets]
     shapes = {b.name: _bucket_shapes(gen, b, with_audio) for b in buckets}
     dt = DTYPES[dtype]
     modules = {
