@@ -343,6 +343,54 @@ def train(args) -> int:
     return 0
 
 
+BUCKETS = {
+    "32x48x16": (40, (16, 32, 48)),
+    "48x32x16": (24, (16, 48, 32)),
+    "32x48x1": (64, (1, 32, 48)),
+}
+
+
+def draw_buckets(args) -> int:
+    """``--task buckets``: every process draws ``--steps`` batches from a three-bucket
+    stream (clips of bucket ``k`` hold their index plus 1000 k), assembles each into one
+    global array and writes the buckets it drew and each global batch's clip ids."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from data_pipelines.bucket_stream import bucketed_stream
+    from data_pipelines.buckets import Bucket
+    from data_pipelines.stream import BatchStream
+    from vdiff.parallel.mesh import to_global
+    from vdiff.train import distributed
+
+    distributed.initialize()
+    pi, pc = jax.process_index(), jax.process_count()
+    buckets = [Bucket(*shape[1:], shape[0]) for _, shape in BUCKETS.values()]
+
+    def make(k, bucket, batch, seed):
+        def load(position, i, k=k, bucket=bucket):
+            return {"x": np.full((bucket.frames, 2, 2), 1000 * k + i, np.int32)}
+
+        return BatchStream(
+            BUCKETS[bucket.name][0], load, batch_size=batch, seed=seed, process_index=pi,
+            process_count=pc,
+        )  # fmt: skip
+
+    per_process = args.global_batch // pc
+    sizes = {name: per_process for name in BUCKETS}
+    counts = {name: n for name, (n, _) in BUCKETS.items()}
+    stream = bucketed_stream(buckets, counts, make, batch_sizes=sizes, seed=5, process_count=pc)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    drawn = []
+    for _ in range(args.steps):
+        batch = to_global(next(stream), mesh, ("data",))
+        ids = np.asarray(multihost_utils.process_allgather(batch["x"], tiled=True))
+        drawn.append([stream.names[stream.last_bucket], ids[:, 0, 0, 0].tolist()])
+    (Path(args.workdir) / f"drawn.{pi}.json").write_text(json.dumps(drawn))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workdir", required=True)
@@ -350,7 +398,7 @@ def main() -> int:
     p.add_argument("--ckpt-every", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--mesh", default='{"data": 8}', help='JSON axis sizes, e.g. {"fsdp": 8}')
-    p.add_argument("--task", choices=("train", "latents"), default="train")
+    p.add_argument("--task", choices=("train", "latents", "buckets"), default="train")
     p.add_argument("--model", choices=("mlp", "dit"), default="mlp")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--keep-every", type=int, default=0)
@@ -372,7 +420,8 @@ def main() -> int:
     )
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return cache_latents(args) if args.task == "latents" else train(args)
+    task = {"latents": cache_latents, "buckets": draw_buckets}.get(args.task, train)
+    return task(args)
 
 
 if __name__ == "__main__":

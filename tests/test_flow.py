@@ -29,8 +29,9 @@ class Recorder:
         self.x0_v, self.x0_a, self.calls = x0_v, x0_a, []
 
     def __call__(
-        self, xv, tv, tokens, mask, audio=None, t_audio=None, audio_mask=None, cross_modal=None
-    ):
+        self, xv, tv, tokens, mask, audio=None, t_audio=None, audio_mask=None, cross_modal=None,
+        video_times=None,
+    ):  # fmt: skip
         self.calls.append(
             dict(
                 xv=xv,
@@ -41,6 +42,7 @@ class Recorder:
                 ta=t_audio,
                 audio_mask=audio_mask,
                 cross_modal=cross_modal,
+                video_times=video_times,
             )
         )
 
@@ -59,6 +61,24 @@ def batch(n=64, seed=0):
         tokens=jax.random.randint(k[2], (n, 5), 1, 50),
         mask=jnp.ones((n, 5), bool),
     )
+
+
+def test_each_clips_frame_rate_reaches_the_model_with_and_without_audio():
+    """A batch's ``fps`` becomes per-clip token times (``model.clip_times``) in the call."""
+    b = batch(4)
+    b["fps"] = jnp.asarray([8.0, 12.0, 24.0, 30.0])
+    for with_audio in (True, False):
+        bb = b if with_audio else {k: v for k, v in b.items() if k != "audio_latents"}
+        model = Recorder(bb["video_latents"], bb.get("audio_latents"))
+        model.clip_times = lambda fps, n: fps[:, None] * jnp.arange(n)
+        flow_loss(model, bb, jax.random.key(0), diffusion_cfg())
+        times = model.calls[0]["video_times"]
+        assert times is not None, with_audio
+        np.testing.assert_allclose(times[:, 1], b["fps"])
+    del b["fps"]
+    model = Recorder(b["video_latents"], b["audio_latents"])
+    flow_loss(model, b, jax.random.key(0), diffusion_cfg())
+    assert model.calls[0]["video_times"] is None  # the model's default frame rate
 
 
 def test_shift_and_timestep_distribution():

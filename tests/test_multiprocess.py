@@ -193,6 +193,29 @@ def test_two_process_checkpoint_restores_on_one_process(reference, devices):
 
 
 @pytest.mark.multiprocess
+def test_two_processes_draw_the_same_bucket_at_every_step(tmp_path):
+    """Two processes each read their rows of a three-bucket stream (landscape and portrait
+    clips, landscape stills): at every step both draw the same bucket, its rows assemble
+    into one global array, and the global batch is whole clips of that bucket alone."""
+    import json
+
+    from _mp_worker import BUCKETS
+
+    cmd = _cmd(tmp_path, nproc=2)
+    cmd = [*cmd[: cmd.index("--steps")], "--task", "buckets", "--steps", "24",
+           "--global-batch", "8"]  # fmt: skip
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    drawn = [json.loads((tmp_path / f"drawn.{i}.json").read_text()) for i in (0, 1)]
+    assert drawn[0] == drawn[1]  # the same bucket and the same global batch on both
+    assert {name for name, _ in drawn[0]} == set(BUCKETS)  # every bucket within 24 steps
+    for name, ids in drawn[0]:
+        k = list(BUCKETS).index(name)
+        assert len(ids) == 8 and all(1000 * k <= i < 1000 * k + BUCKETS[name][0] for i in ids)
+        assert len(set(ids)) == 8  # eight different clips of the bucket
+
+
+@pytest.mark.multiprocess
 def test_latent_cache_by_two_processes_holds_the_records_of_one(tmp_path):
     """Each process encodes its own run of clips into its own part; process 0 merges: the
     cache lists the records, in order, and the statistics of the one-process cache."""

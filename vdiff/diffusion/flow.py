@@ -136,14 +136,14 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
 
     xt_v = interpolate(x0_v, eps_v, t_v)
     kwargs = {}
-    if "fps" in batch:  # each clip's own frame rate: its tokens' real times
-        kwargs["video_times"] = model.clip_times(batch["fps"], x0_v.shape[1])
     if x0_a is not None:
         eps_a = jax.random.normal(k_ea, x0_a.shape, jnp.float32).astype(x0_a.dtype)
         kwargs = dict(audio=interpolate(x0_a, eps_a, t_a), t_audio=t_a, audio_mask=has_audio)
         p_sep = d.p_no_cross_modal
         if p_sep > 0:  # per-example: video and audio denoised without seeing each other
             kwargs["cross_modal"] = jax.random.uniform(k_cross, (b,)) >= p_sep
+    if "fps" in batch:  # each clip's own frame rate: its tokens' real times
+        kwargs["video_times"] = model.clip_times(batch["fps"], x0_v.shape[1])
     pred_v, pred_a = model(xt_v, t_v, tokens, mask, **kwargs)
 
     w_v = (~clean_video).astype(jnp.float32)
