@@ -402,7 +402,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     members = {s: _split_buckets(config, root, records, s, buckets) for s in splits}
     for split, m in members.items():
         log.info(
-            "%s: clips by bucket %s; no bucket for %s",
+            "%s: clips by bucket %s; taken by no bucket: %s",
             split, m.counts(), m.skipped or "none",
         )  # fmt: skip
     tag = _clips_tag(config, records, splits, tok_path)
