@@ -72,21 +72,19 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
 
 def shapes(cfg, bucket) -> dict:
     """Latent and token counts of one training example of ``bucket`` (h, w, frames)."""
+    from data_pipelines.buckets import Bucket, Strides
     from data_pipelines.pipeline import audio_frame_multiple, mel_frames
-    from vdiff.models.video_vae import latent_frames
 
     d = cfg.data
-    h, w, frames = bucket
-    lt = latent_frames(frames, cfg.vae.temporal_down)
-    sd = cfg.vae.spatial_down
-    mel = mel_frames(frames, d.fps, d.sample_rate, d.hop, audio_frame_multiple(cfg))
+    strides = Strides.from_config(cfg)
+    b = Bucket(*(int(x) for x in bucket))
+    lt, sd = strides.latent_frames(b.frames), strides.spatial_down
+    mel = mel_frames(b.frames, d.fps, d.sample_rate, d.hop, audio_frame_multiple(cfg))
     ta = mel // cfg.audio_ae.time_down if d.audio else 0
-    pt, ph, pw = cfg.model.patch
-    video_tokens = (lt // pt) * (h // sd // ph) * (w // sd // pw)
     return {
-        "video_latents": (lt, h // sd, w // sd, cfg.vae.latent_channels),
+        "video_latents": (lt, b.height // sd, b.width // sd, cfg.vae.latent_channels),
         "audio_latents": (ta, cfg.audio_ae.latent_channels) if ta else None,
-        "video_tokens": video_tokens,
+        "video_tokens": b.tokens(strides),
         "audio_tokens": ta // cfg.model.audio_patch,
         "text_tokens": d.caption_len,
     }

@@ -186,7 +186,7 @@ def bucketed_stream(
             f"no bucket holds a full global batch of {what} (counts {counts}, per-process "
             f"batches {batch_sizes}); lower the batch size or add data"
         )
-    weights = step_weights(weights, [1] * len(weights), is_image, image_share)
+    weights = step_weights(weights, is_image, image_share)
     log.info(
         "buckets: %s",
         ", ".join(f"{n} ({w / sum(weights):.0%} of steps)" for n, w in zip(names, weights)),

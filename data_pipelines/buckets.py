@@ -51,11 +51,11 @@ class Bucket:
     def is_image(self) -> bool:
         return self.frames == 1
 
-    def tokens(self, spatial_down: int, temporal_down: int, patch: Sequence[int]) -> int:
+    def tokens(self, strides: Strides) -> int:
         """Transformer video tokens of one clip of this bucket."""
-        lt = 1 + math.ceil((self.frames - 1) / temporal_down)
-        s = spatial_down
-        return (lt // patch[0]) * (self.height // s // patch[1]) * (self.width // s // patch[2])
+        s, (pt, ph, pw) = strides.spatial_down, strides.patch
+        lt = strides.latent_frames(self.frames)
+        return (lt // pt) * (self.height // s // ph) * (self.width // s // pw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +74,16 @@ class Strides:
             tuple(int(p) for p in config.model.patch),
         )
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of ``frames`` frames through the causal VAE: ``1 + ceil((T - 1) / td)``
+        (``vdiff.models.video_vae.latent_frames``, without importing the model)."""
+        return 1 + math.ceil((frames - 1) / self.temporal_down)
+
     def problem(self, b: Bucket) -> tuple[str, Bucket] | None:
         """(what is wrong, the nearest valid bucket) or None if ``b`` is valid."""
         sh, sw = self.spatial_down * self.patch[1], self.spatial_down * self.patch[2]
         td, pt = self.temporal_down, self.patch[0]
-        lt = 1 + math.ceil((b.frames - 1) / td)
+        lt = self.latent_frames(b.frames)
         bad = []
         if b.height % sh or b.width % sw:
             bad.append(f"height/width must be multiples of {sh}/{sw} (vae.spatial_down x patch)")
@@ -226,12 +231,10 @@ def batch_sizes(
                 f"({len(buckets)}), each a positive multiple of {divisor}"
             )
         return tuple(int(b) for b in explicit)
-    budget = base_batch * buckets[0].tokens(
-        strides.spatial_down, strides.temporal_down, strides.patch
-    )
+    budget = base_batch * buckets[0].tokens(strides)
     out = []
     for b in buckets:
-        n = budget // b.tokens(strides.spatial_down, strides.temporal_down, strides.patch)
+        n = budget // b.tokens(strides)
         out.append(max(divisor, n // divisor * divisor))
     return tuple(out)
 
@@ -261,11 +264,11 @@ class BucketSchedule:
 
 
 def step_weights(
-    counts: Sequence[int], batches: Sequence[int], images: Sequence[bool], image_share: float
+    weights: Sequence[float], images: Sequence[bool], image_share: float
 ) -> list[float]:
-    """Each bucket's share of the steps: ``counts / batches`` (steps per epoch), with the
+    """Each bucket's share of the steps (``weights``, e.g. its steps per epoch), with the
     image buckets together scaled to ``image_share`` of the steps when it is >= 0."""
-    w = [c / b for c, b in zip(counts, batches, strict=True)]
+    w = list(weights)
     if image_share < 0:
         return w
     if image_share > 1:

@@ -197,6 +197,15 @@ class Moments:
         return {"shift": mean.astype(np.float32), "scale": (1.0 / (std + 1e-6)).astype(np.float32)}
 
 
+def pool_moments(pooled: dict[str, Moments], moments: Mapping[str, Moments]) -> None:
+    """Merges ``moments`` (field -> Moments, e.g. one bucket's) into ``pooled`` in place."""
+    for field, m in moments.items():
+        if field in pooled:
+            pooled[field].merge(m)
+        else:
+            pooled[field] = m
+
+
 def part_name(split: str, part: int, num_parts: int) -> str:
     return f"{split}.p{part:05d}-of-{num_parts:05d}"
 

@@ -43,7 +43,14 @@ import numpy as np
 
 from data_pipelines import records, video_io
 from data_pipelines.audio import log_mel
-from data_pipelines.buckets import Bucket, check_buckets, frame_stride, is_image, window_start
+from data_pipelines.buckets import (
+    Bucket,
+    check_buckets,
+    frame_stride,
+    frames_available,
+    is_image,
+    window_start,
+)
 from data_pipelines.stream import BatchStream, global_order
 
 log = logging.getLogger(__name__)
@@ -113,7 +120,7 @@ def decode_example(
     stride = 1 if image else frame_stride(src_fps, fps)
     clip_fps = fps if image else src_fps / stride
     num = max(1, int(record["num_frames"]) or round(float(record["duration"]) * src_fps))
-    if not image and -(-num // stride) < frames:
+    if not image and frames_available(num, src_fps, fps) < frames:
         raise video_io.BadVideo(
             "too_short",
             f"{num} frames at stride {stride} < {frames} ({record['key']})",

@@ -217,7 +217,7 @@ def test_batch_sizes_keep_the_token_budget_and_buckets_validate():
     strides = bk.Strides(4, 4, (1, 2, 2))
     buckets = bk.check_buckets(((32, 32, 16), (32, 48, 16), (64, 64, 16), (32, 32, 1)), strides)
     sizes = bk.batch_sizes(buckets, 32, strides, divisor=4)
-    tokens = [b.tokens(4, 4, (1, 2, 2)) for b in buckets]
+    tokens = [b.tokens(strides) for b in buckets]
     assert sizes[0] == 32
     for n, t in zip(sizes, tokens):
         assert n % 4 == 0 and n * t <= 32 * tokens[0] < (n + 4) * t
@@ -228,7 +228,7 @@ def test_batch_sizes_keep_the_token_budget_and_buckets_validate():
     c.data.buckets = ((32, 44, 16),)
     with pytest.raises(Exception, match=r"\(32, 44, 16\).*nearest valid bucket is \(32, 48, 16\)"):
         check_static(c)
-    w = bk.step_weights([10, 10, 30], [1, 1, 1], [False, False, True], 0.5)
+    w = bk.step_weights([10, 10, 30], [False, False, True], 0.5)
     assert w[2] / sum(w) == pytest.approx(0.5)
     schedule = bk.BucketSchedule([1, 3], seed=0)
     draws = [schedule(s) for s in range(4000)]

@@ -264,17 +264,39 @@ class Data:
                 prefetch=int(d.prefetch),
             )
 
+        return self.bucketed(
+            self.bucket_counts[split],
+            make_stream,
+            batch_sizes=batch_sizes,
+            seed=seed,
+            images=images,
+            what=f"{split} clips",
+        )
+
+    def bucketed(
+        self,
+        counts: dict[str, int],
+        make_stream,
+        *,
+        batch_sizes: dict[str, int],
+        seed: int,
+        what: str,
+        images: bool = True,
+    ) -> BucketedStream:
+        """:func:`~data_pipelines.bucket_stream.bucketed_stream` over this run's buckets,
+        image share and process count (``counts``: bucket name -> examples; ``make_stream``
+        builds one bucket's stream); a bucket set that holds no full batch is a UserError."""
         try:
             return bucketed_stream(
                 self.buckets,
-                self.bucket_counts[split],
+                counts,
                 make_stream,
                 batch_sizes=batch_sizes,
                 seed=seed,
                 process_count=jax.process_count(),
-                image_share=float(d.image_share),
+                image_share=float(self.config.data.image_share),
                 images=images,
-                what=f"{split} clips",
+                what=what,
             )
         except ValueError as e:
             raise UserError(str(e)) from None
@@ -540,7 +562,7 @@ def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dic
                 _decode_part(config, records / split, out, split, bucket, idx, tokenizer, pi, pc)
     barrier("vdiff_frames_parts")
     if pi == 0:
-        entries, skipped, mel, train_moments = {}, {}, _mel_stats(None), None
+        entries, skipped, train_moments = {}, {}, {}
         for split in splits:
             m = members[split]
             skipped[split] = dict(m.skipped)
@@ -553,11 +575,8 @@ def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dic
                 if not _part_counts(out, part, pc):
                     continue
                 entries[part], moments = cache.merge_parts(out, part, pc)
-                if split == "train" and "audio" in moments:
-                    if train_moments is None:
-                        train_moments = moments["audio"]
-                    else:
-                        train_moments.merge(moments["audio"])
+                if split == "train":  # the statistics pool every train bucket
+                    cache.pool_moments(train_moments, moments)
             if not any(p.startswith(f"{split}.") for p in entries):
                 counts = ", ".join(f"{n} {r}" for r, n in sorted(skipped[split].items()))
                 raise UserError(
@@ -565,7 +584,7 @@ def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dic
                     f"data.buckets at {d.fps:g} fps: {counts or 'no records'}; check its "
                     "manifest.json and data.buckets / data.fps"
                 )
-        mel = _mel_stats(train_moments)
+        mel = _mel_stats(train_moments.get("audio"))
         extra = {"mel_stats": mel, "skipped": skipped}
         cache.write_meta(out, tag, entries, {}, cache.FRAMES, extra)
         log.info(

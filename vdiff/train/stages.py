@@ -29,7 +29,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipelines import latents as lc
-from data_pipelines.bucket_stream import bucketed_stream
 from vdiff.diffusion.flow import flow_loss
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
@@ -405,11 +404,7 @@ def cache_latents(
             if split in want:
                 entries[part_name(split, bucket)] = entry
             if split == "train":  # the statistics pool every train bucket
-                for mod, m in moments.items():
-                    if mod in train_moments:
-                        train_moments[mod].merge(m)
-                    else:
-                        train_moments[mod] = m
+                lc.pool_moments(train_moments, moments)
         stats = {mod: m.latent_stats() for mod, m in train_moments.items()}
         lc.write_meta(out_dir, tag, entries, stats)
     barrier("vdiff_latents_meta")
@@ -530,19 +525,9 @@ def dit_latent_stream(config, data: Data, latents: LatentCache, split: str = "tr
         )
 
     def stream_for(batch_sizes: dict[str, int], seed: int):
-        try:
-            return bucketed_stream(
-                data.buckets,
-                counts,
-                make_stream,
-                batch_sizes=batch_sizes,
-                seed=seed,
-                process_count=jax.process_count(),
-                image_share=float(config.data.image_share),
-                what=f"{split} latents",
-            )
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        return data.bucketed(
+            counts, make_stream, batch_sizes=batch_sizes, seed=seed, what=f"{split} latents"
+        )
 
     return stream_for
 
