@@ -1,4 +1,4 @@
-"""Parameter counts of every config's transformer (+ text encoder) and video VAE.
+"""Parameter counts of every config's transformer (+ internal text encoder) and video VAE.
 
     python benchmarks/param_counts.py
 
@@ -9,6 +9,7 @@ cheap to count on a laptop.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -29,6 +30,9 @@ def main() -> None:
     print(f"{'config':8} {'width':>5} {'depth':>5} {'heads':>5} {'DiT+text':>12} {'video VAE':>10}")
     for name in names:
         c = load_config(name)
+        if c.text.encoder != "internal" and not (Path(c.text.path) / "config.json").is_file():
+            print(f"{name:8} (needs its text encoder folder, text.path={c.text.path})")
+            continue
         dit = count(lambda rngs, c=c: DiT.from_config(c.model, dit_sizes(c), rngs))
         vae = count(lambda rngs, c=c: VideoVAE.from_config(c.vae, rngs))
         print(

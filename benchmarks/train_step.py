@@ -86,7 +86,7 @@ def shapes(cfg, bucket) -> dict:
         "audio_latents": (ta, cfg.audio_ae.latent_channels) if ta else None,
         "video_tokens": b.tokens(strides),
         "audio_tokens": ta // cfg.model.audio_patch,
-        "text_tokens": d.caption_len,
+        "text_tokens": cfg.text.max_len,
     }
 
 
@@ -94,8 +94,8 @@ def synthetic_batch(cfg, shp: dict, b: int) -> dict:
     rng = np.random.default_rng(0)
     batch = {
         "video_latents": rng.standard_normal((b, *shp["video_latents"])).astype(np.float32),
-        "tokens": rng.integers(4, cfg.data.vocab_size, (b, cfg.data.caption_len)).astype(np.int32),
-        "mask": np.arange(cfg.data.caption_len)[None] < rng.integers(4, 33, (b, 1)),
+        "tokens": rng.integers(4, cfg.data.vocab_size, (b, cfg.text.max_len)).astype(np.int32),
+        "mask": np.arange(cfg.text.max_len)[None] < rng.integers(4, 33, (b, 1)),
         "fps": np.full((b,), cfg.data.fps, np.float32),  # each clip's frame rate, as in training
     }
     if shp["audio_latents"]:

@@ -26,7 +26,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.sample_rate = 16000
     d.n_mels = 64
     d.hop = 160
-    d.caption_len = 32  # tokens after pad/truncate
     d.vocab_size = 512  # sentencepiece vocabulary
     # (height, width, frames) shapes a clip can train at; each clip goes to the bucket
     # nearest its aspect ratio, then the longest it can fill; frames=1 buckets take images.
@@ -106,6 +105,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.rope_time_scale = 25.0  # temporal RoPE units per second (shared by video and audio tokens)
     m.rope_theta = 10000.0  # RoPE base period
     m.abs_pos = False  # add absolute (edge / clip-start) position features to video tokens
+
+    # --- the caption encoder that steers every denoising step.
+    c.text = x = ml_collections.ConfigDict()
+    # "internal": a small encoder trained with the transformer (model.text_*) on a
+    # sentencepiece vocabulary of the data's own captions (data.vocab_size). "t5": a
+    # pretrained T5 v1.1 / mT5 / UMT5 encoder loaded from text.path, frozen; its caption
+    # embeddings are computed once with the latent cache, so training never runs it.
+    x.encoder = "internal"
+    x.path = ""  # "t5": a Hugging Face folder (config.json, model.safetensors[.index.json], spiece.model)
+    x.max_len = 32  # caption tokens after pad/truncate, end token included
+    x.dtype = "bfloat16"  # "t5": its parameters and compute; cached embeddings are bfloat16
+    x.batch_size = 64  # "t5": captions per encoder call (caching, prompts)
 
     # --- flow matching.
     c.diffusion = f = ml_collections.ConfigDict()

@@ -13,13 +13,19 @@ Layout of a cache folder::
     <split>.pPPPPP-of-QQQQQ-NNNNN-of-MMMMM.array_record   part P's shards (records, see below)
     <split>.pPPPPP-of-QQQQQ.json                          part P's description and moments
     stats.json                                            per-channel shift/scale (latents)
+    empty_caption.npz                                     a pretrained caption encoder's
+                                                          empty caption (text, mask)
     latents.json | frames.json                            tag, per-split counts/shapes/shards
 
 A record is a msgpack map (never pickle): ``key`` (str), ``index`` (int: the clip's
 record index in its split's clip shards), ``video`` and ``audio`` (each
 ``{"dtype", "shape", "data"}`` with little-endian bytes; ``audio`` is nil when there is
-none), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same encoding),
-``caption`` (str) and ``fps`` (float: the clip's frame rate; frame ``i`` is at ``i / fps`` s).
+none), ``has_audio`` (bool), ``tokens`` / ``mask`` (arrays, same encoding), ``text`` (a
+pretrained caption encoder's bfloat16 embeddings of the caption's real tokens,
+``(tokens, width)``; nil with the internal encoder), ``caption`` (str) and ``fps`` (float:
+the clip's frame rate; frame ``i`` is at ``i / fps`` s). ``text`` keeps only the rows the
+mask marks (a caption is a prefix of its padded length), so a 4096-wide embedding costs
+what the caption is long, not ``text.max_len``; readers pad it back (:func:`pad_ragged`).
 
 The description is written last and removed first on a rebuild, so its presence means
 the shards it lists were complete. It records each shard's byte size, so a missing,
@@ -39,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import msgpack
 import numpy as np
 
@@ -48,14 +55,18 @@ from vdiff.manifest import atomic_write_text, read_versioned_json
 
 META = "latents.json"
 STATS = "stats.json"
+EMPTY_CAPTION = "empty_caption.npz"
 FORMAT = "vdiff.latents"
-VERSION = 2  # 2: records carry each clip's frame rate (fps)
+VERSION = 3  # 2: records carry each clip's frame rate (fps); 3: caption embeddings (text)
 # ArrayRecord pads each file to 64 KiB blocks, so many tiny shards waste space; large
 # shards are still read record by record (group_size 1).
 SHARD_BYTES = 128 << 20
-ARRAY_FIELDS = ("video", "audio", "tokens", "mask")
-# Only plain numeric dtypes are accepted from a file (never object arrays).
+ARRAY_FIELDS = ("video", "audio", "tokens", "mask", "text")
+# Fields whose leading axis varies per record (up to the description's shape).
+RAGGED_FIELDS = ("text",)
+# Only plain numeric dtypes are accepted from a file (never object arrays), and bfloat16.
 _DTYPE_KINDS = "biuf"
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _FIX = "remove {dir} and rerun 'vdiff data latents' or 'vdiff train' on its workdir to rebuild it"
 
 
@@ -69,10 +80,25 @@ class LatentRecordError(ValueError):
 def pack_array(x: np.ndarray) -> dict[str, Any]:
     """numpy array -> ``{"dtype", "shape", "data"}`` (little-endian bytes, C order)."""
     x = np.asarray(x)
+    if x.dtype == _BFLOAT16:
+        return {"dtype": "bfloat16", "shape": list(x.shape), "data": x.tobytes()}
     if x.dtype.kind not in _DTYPE_KINDS:
         raise ValueError(f"cannot store a {x.dtype} array in a latent record")
     x = np.ascontiguousarray(x, x.dtype.newbyteorder("<"))
     return {"dtype": x.dtype.str, "shape": list(x.shape), "data": x.tobytes()}
+
+
+def dtype_name(x: np.ndarray) -> str:
+    """The dtype as a record stores it: little-endian ``str`` or ``"bfloat16"``."""
+    dt = np.asarray(x).dtype
+    return "bfloat16" if dt == _BFLOAT16 else dt.newbyteorder("<").str
+
+
+def pad_ragged(x: np.ndarray, length: int) -> np.ndarray:
+    """A ragged field's rows zero-padded to ``length`` along the leading axis."""
+    if len(x) > length:
+        raise ValueError(f"{len(x)} rows do not fit a length of {length}")
+    return np.concatenate([x, np.zeros((length - len(x), *x.shape[1:]), x.dtype)])
 
 
 def unpack_array(d: Any) -> np.ndarray:
@@ -80,10 +106,10 @@ def unpack_array(d: Any) -> np.ndarray:
     if not isinstance(d, dict) or set(d) != {"dtype", "shape", "data"}:
         raise LatentRecordError("array field must be a map of dtype, shape, data")
     try:
-        dtype = np.dtype(d["dtype"])
+        dtype = _BFLOAT16 if d["dtype"] == "bfloat16" else np.dtype(d["dtype"])
     except (TypeError, ValueError) as e:
         raise LatentRecordError(f"unknown dtype {d['dtype']!r}") from e
-    if dtype.kind not in _DTYPE_KINDS:
+    if dtype.kind not in _DTYPE_KINDS and dtype != _BFLOAT16:
         raise LatentRecordError(f"dtype {dtype} is not a plain numeric type")
     shape = tuple(int(s) for s in d["shape"])
     if dtype.itemsize * math.prod(shape) != len(d["data"]):
@@ -93,13 +119,14 @@ def unpack_array(d: Any) -> np.ndarray:
 
 def encode_latent_record(rec: Mapping[str, Any]) -> bytes:
     """Packs one clip's latents (see the module docstring for the fields)."""
-    audio = rec.get("audio")
+    audio, text = rec.get("audio"), rec.get("text")
     return msgpack.packb(
         {
             "key": str(rec["key"]),
             "index": int(rec["index"]),
             "video": pack_array(rec["video"]),
             "audio": None if audio is None else pack_array(audio),
+            "text": None if text is None else pack_array(text),
             "has_audio": bool(rec["has_audio"]),
             "tokens": pack_array(rec["tokens"]),
             "mask": pack_array(rec["mask"]),
@@ -120,7 +147,8 @@ def decode_latent_record(data: bytes) -> dict[str, Any]:
         rec = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (msgpack.UnpackException, ValueError, TypeError) as e:
         raise LatentRecordError(f"not msgpack: {e}") from e
-    want = {"key", "index", "video", "audio", "has_audio", "tokens", "mask", "caption", "fps"}
+    want = {"key", "index", "video", "audio", "text", "has_audio", "tokens", "mask", "caption",
+            "fps"}  # fmt: skip
     if not isinstance(rec, dict) or set(rec) != want:
         got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
         raise LatentRecordError(f"expected fields {sorted(want)}, got {got}")
@@ -260,9 +288,11 @@ class PartWriter:
             self._writer = ShardWriter(self.out_dir, self.name, per_shard, overwrite=True)
             for f in ARRAY_FIELDS:
                 if rec.get(f) is not None:
-                    x = np.asarray(rec[f])
-                    self.shapes[f] = list(x.shape)
-                    self.dtypes[f] = x.dtype.newbyteorder("<").str
+                    self.shapes[f] = list(np.shape(rec[f]))
+                    self.dtypes[f] = dtype_name(rec[f])
+        for f in RAGGED_FIELDS:  # the description holds the longest
+            if rec.get(f) is not None and f in self.shapes:
+                self.shapes[f][0] = max(self.shapes[f][0], len(rec[f]))
         self._writer.write(data)
         self.count += 1
 
@@ -313,6 +343,10 @@ def merge_parts(
         if not path.is_file():
             raise UserError(f"{path} is missing: process {p} did not finish its part of '{split}'")
         part = json.loads(path.read_text())
+        for f in RAGGED_FIELDS:  # the longest of every part
+            if f in part["shapes"] and f in entry["shapes"]:
+                longest = max(part["shapes"][f][0], entry["shapes"][f][0])
+                part["shapes"][f][0] = entry["shapes"][f][0] = longest
         for key in ("shapes", "dtypes"):
             for f, v in part[key].items():
                 if entry[key].setdefault(f, v) != v:
@@ -335,7 +369,7 @@ def clear_cache(out_dir: Path, kind: CacheKind = LATENTS) -> None:
     (out_dir / kind.meta).unlink(missing_ok=True)
     # Shards, part files, and the .npy files of the format before shards.
     for old in [*out_dir.glob(f"*{SUFFIX}*"), *out_dir.glob("*.p*-of-*.json"),
-                *out_dir.glob("*.npy"), out_dir / STATS]:  # fmt: skip
+                *out_dir.glob("*.npy"), out_dir / STATS, out_dir / EMPTY_CAPTION]:  # fmt: skip
         old.unlink(missing_ok=True)
 
 
@@ -437,6 +471,33 @@ def load_stats(cache_dir: Path) -> dict[str, dict[str, np.ndarray]]:
         raise UserError(
             f"{path} is not a latent statistics file ({e}); {_FIX.format(dir=cache_dir)}"
         ) from e
+
+
+def save_empty_caption(out_dir: Path, text: np.ndarray, mask: np.ndarray) -> None:
+    """The empty caption's embedding ``(L, D)`` (stored as float32: bfloat16 values are exact
+    in it) and mask ``(L,)``: the unconditional input of caption dropout and guidance."""
+    path = Path(out_dir) / EMPTY_CAPTION
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, text=np.asarray(text, np.float32), mask=np.asarray(mask, bool))
+    tmp.replace(path)
+
+
+def load_empty_caption(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(text (L, D) bfloat16, mask (L,) bool)`` from :func:`save_empty_caption`.
+
+    Raises:
+        UserError: If the file is missing or is not such a file.
+    """
+    path = Path(cache_dir) / EMPTY_CAPTION
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["text"].astype(ml_dtypes.bfloat16), f["mask"].astype(bool)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {_FIX.format(dir=Path(cache_dir))}") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(
+            f"{path} is not an empty-caption file ({e}); {_FIX.format(dir=Path(cache_dir))}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -553,7 +614,9 @@ class CacheSource:
         for i, rec in zip(indices, recs, strict=True):
             for f, shape in self.info["shapes"].items():
                 x = rec[f]
-                if x is None or list(x.shape) != shape or x.dtype.str != self.info["dtypes"][f]:
+                if x is not None and f in RAGGED_FIELDS and len(x) <= shape[0]:
+                    shape = [len(x), *shape[1:]]
+                if x is None or list(x.shape) != shape or dtype_name(x) != self.info["dtypes"][f]:
                     got = None if x is None else f"{x.dtype} {x.shape}"
                     raise UserError(
                         f"record {i} of '{self.split}' in {self.cache_dir}: {f} is {got}, "
@@ -574,7 +637,9 @@ def stack_records(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Records (as :func:`decode_latent_record` gives them) stacked like a batch: each
     array field the records hold, ``has_audio``, ``index``; ``key`` and ``caption`` as lists."""
     out: dict[str, Any] = {
-        f: np.stack([r[f] for r in recs]) for f in ARRAY_FIELDS if recs[0].get(f) is not None
+        f: np.stack([_padded(r, f) for r in recs])
+        for f in ARRAY_FIELDS
+        if recs[0].get(f) is not None
     }
     out["has_audio"] = np.asarray([r["has_audio"] for r in recs], bool)
     out["index"] = np.asarray([r["index"] for r in recs], np.int64)
@@ -582,6 +647,12 @@ def stack_records(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["key"] = [r["key"] for r in recs]
     out["caption"] = [r["caption"] for r in recs]
     return out
+
+
+def _padded(rec: Mapping[str, Any], field: str) -> np.ndarray:
+    """A record's field, a ragged one padded to the caption length (its mask's)."""
+    x = np.asarray(rec[field])
+    return pad_ragged(x, len(rec["mask"])) if field in RAGGED_FIELDS else x
 
 
 # --------------------------------------------------------------------------- streaming
@@ -607,10 +678,9 @@ class RecordFields:
     def __call__(self, rec: Mapping[str, Any]) -> dict[str, Any]:
         out = {}
         for key, field in self.fields.items():
-            x = rec[field]
-            if x is None:
+            if rec[field] is None:
                 continue
-            x = np.asarray(x)
+            x = _padded(rec, field)
             if key in self.norms:
                 shift, scale = self.norms[key]
                 x = (x.astype(np.float32) - shift) * scale

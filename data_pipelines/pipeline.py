@@ -267,14 +267,12 @@ def audio_frame_multiple(config) -> int:
 
 def decode_settings(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
     d = config.data
-    if d.fps <= 0 or d.caption_len <= 0 or d.hop <= 0 or d.sample_rate <= 0:
-        raise ValueError(
-            "data.fps, data.caption_len, data.hop and data.sample_rate must be positive"
-        )
+    if d.fps <= 0 or config.text.max_len <= 0 or d.hop <= 0 or d.sample_rate <= 0:
+        raise ValueError("data.fps, text.max_len, data.hop and data.sample_rate must be positive")
     return {
         "fps": float(d.fps),
         "tokenizer": tokenizer,
-        "caption_len": int(d.caption_len),
+        "caption_len": int(config.text.max_len),
         "audio": bool(d.audio),
         "sample_rate": int(d.sample_rate),
         "hop": int(d.hop),

@@ -1,7 +1,12 @@
-"""Caption tokenizer: a small sentencepiece model trained on the dataset's own captions.
+"""Caption tokenizers: sentencepiece models, ids padded and truncated to a fixed length.
 
-Byte fallback is on and normalisation is off, so any Unicode caption encodes without unknown
-tokens and decodes back to exactly the same text. Ids: 0 = pad, 1 = unk, 2 = bos, 3 = eos.
+- :class:`Tokenizer`: a small model trained on the dataset's own captions (the internal
+  text encoder). Byte fallback is on and normalisation is off, so any Unicode caption
+  encodes without unknown tokens and decodes back to exactly the same text. Ids:
+  0 = pad, 1 = unk, 2 = bos, 3 = eos.
+- :class:`PretrainedTokenizer`: the ``spiece.model`` a pretrained T5 / mT5 / UMT5 ships
+  with, with that model's own pad and end ids, giving the ids of Hugging Face's
+  ``T5Tokenizer`` (the end token appended, truncation keeping it).
 
 :class:`Tokenizer` holds only the serialized model proto and loads the sentencepiece processor
 lazily, so it pickles cheaply into grain worker processes and can be stored in checkpoints and
@@ -134,9 +139,14 @@ class Tokenizer:
         tok._init_from_proto(bytes(model_bytes))
         return tok
 
+    pad_id, eos_id, bos_id = PAD_ID, EOS_ID, BOS_ID
+
     def _init_from_proto(self, proto: bytes) -> None:
         self._proto = proto
         self._sp = None
+        self._check_ids()
+
+    def _check_ids(self) -> None:
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID:
             raise ValueError(
                 f"tokenizer model has pad id {self.sp.pad_id()} and eos id {self.sp.eos_id()}; "
@@ -183,10 +193,10 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         pieces = self.sp.encode(list(texts)) if len(texts) else []
-        ids = np.full((len(pieces), length), PAD_ID, np.int32)
+        ids = np.full((len(pieces), length), self.pad_id, np.int32)
         mask = np.zeros((len(pieces), length), bool)
         for row, seq in enumerate(pieces):
-            seq = [*seq[: length - 1], EOS_ID] if add_eos else seq[:length]
+            seq = [*seq[: length - 1], self.eos_id] if add_eos else seq[:length]
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = True
         return ids, mask
@@ -211,9 +221,9 @@ class Tokenizer:
             )
         out = []
         for i in arr.tolist():
-            if i == EOS_ID:
+            if i == self.eos_id:
                 break
-            if i not in (PAD_ID, BOS_ID):
+            if i not in (self.pad_id, self.bos_id):
                 out.append(i)
         return self.sp.decode(out)
 
@@ -223,6 +233,26 @@ class Tokenizer:
     def __setstate__(self, state: dict) -> None:
         self._proto = state["proto"]
         self._sp = None
+        self._check_ids()
+
+
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained encoder's ``spiece.model`` (T5 / mT5 / UMT5), with its own special ids.
+
+    Args:
+        path: The ``spiece.model`` file.
+
+    Raises:
+        ValueError: If the file is not a sentencepiece model or has no pad or end id.
+    """
+
+    def _check_ids(self) -> None:
+        self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), -1
+        if self.pad_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"sentencepiece model has pad id {self.pad_id} and end id {self.eos_id}; a T5 "
+                "tokenizer defines both"
+            )
 
 
 def captions_from(src) -> list[str]:

@@ -79,7 +79,7 @@ def _config():
     c = load_config("tiny")
     c.data.buckets = BUCKETS
     c.data.fps = FPS
-    c.data.caption_len = 12
+    c.text.max_len = 12
     return c
 
 

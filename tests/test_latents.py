@@ -34,7 +34,7 @@ NON_ASCII = "ein grüner Kreis — 緑の円が左へ 🎈"
 
 def _config():
     c = get_base_config()
-    c.data.caption_len = CAPTION_LEN
+    c.text.max_len = CAPTION_LEN
     # A small transformer: the test is about its inputs, not its quality.
     m = c.model
     m.width, m.depth, m.heads, m.text_width, m.text_depth, m.text_heads = 32, 1, 2, 32, 1, 2

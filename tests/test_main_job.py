@@ -2,22 +2,13 @@
 then `vdiff sample` from the workdir and a rerun that resumes instead of retraining."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import vdiff as _vdiff
 
 pytestmark = pytest.mark.slow
-
-
-def _vdiff(*args, timeout=900):
-    r = subprocess.run(
-        [sys.executable, "-m", "vdiff.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def data(tmp_path_factory):
 def _config(buckets=((32, 32, 16),)):
     c = load_config("tiny")
     c.data.buckets = buckets
-    c.data.caption_len = 16
+    c.text.max_len = 16
     return c
 
 

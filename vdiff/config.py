@@ -97,7 +97,15 @@ ADDED_KEYS: dict[str, Any] = {
     "diffusion.t_uniform": 0.0,
     "diffusion.p_no_cross_modal": 0.0,
     "sample.renoise_t": (),
+    "text.encoder": "internal",
+    "text.path": "",
+    "text.dtype": "bfloat16",
+    "text.batch_size": 64,
 }
+
+
+# Keys that moved: new name -> the name an earlier vdiff saved it under.
+RENAMED_KEYS: dict[str, str] = {"text.max_len": "data.caption_len"}
 
 
 def upgrade_config(saved: dict) -> ml_collections.ConfigDict:
@@ -105,7 +113,8 @@ def upgrade_config(saved: dict) -> ml_collections.ConfigDict:
     every key that today's code reads.
 
     A key in :data:`ADDED_KEYS` that the saved config lacks takes the value that reproduces
-    the old run; any other missing key takes its ``configs/base.py`` default (logged). Keys
+    the old run, a key in :data:`RENAMED_KEYS` the value saved under its old name; any other
+    missing key takes its ``configs/base.py`` default (logged). Keys
     that base no longer has are dropped. JSON lists become the config's tuples again.
     """
     base = base_config()
@@ -119,7 +128,10 @@ def upgrade_config(saved: dict) -> ml_collections.ConfigDict:
         node = _lookup(config, group) if group else config
         if leaf in node:
             continue
-        if key in ADDED_KEYS:
+        old = _lookup(config, RENAMED_KEYS[key]) if key in RENAMED_KEYS else _MISSING
+        if old is not _MISSING:
+            node[leaf] = old
+        elif key in ADDED_KEYS:
             node[leaf] = ADDED_KEYS[key]
         else:
             node[leaf] = _lookup(base, key)
@@ -310,9 +322,39 @@ def check_static(config: ml_collections.ConfigDict) -> None:
         )
     _check_probabilities(config)
     _check_renoise_levels(config)
+    _check_text(config)
     optimizer = config.train.optimizer
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"train.optimizer={optimizer!r}: use 'adamw' or 'muon'")
+
+
+TEXT_ENCODERS = ("internal", "t5")
+
+
+def _check_text(config: ml_collections.ConfigDict) -> None:
+    """The text section: a known encoder, a local folder for a pretrained one, sizes."""
+    x = config.text
+    if x.encoder not in TEXT_ENCODERS:
+        raise UserError(f"text.encoder={x.encoder!r}: use one of {TEXT_ENCODERS}")
+    if x.max_len < 1 or x.batch_size < 1:
+        raise UserError(
+            f"text.max_len={x.max_len}, text.batch_size={x.batch_size}: both must be >= 1"
+        )
+    if x.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"text.dtype={x.dtype!r}: use 'bfloat16' or 'float32'")
+    if x.encoder == "internal":
+        return
+    if not x.path:
+        raise UserError(
+            "text.encoder='t5' needs text.path: a local Hugging Face T5 / UMT5 folder "
+            "(config.json, model.safetensors, spiece.model)"
+        )
+    check_local_path("text.path", x.path)
+    if config.data.dit_input != "latents":
+        raise UserError(
+            "text.encoder='t5' trains from caption embeddings cached with the latents; set "
+            "data.dit_input='latents'"
+        )
 
 
 _PROBABILITIES = (

@@ -1,8 +1,10 @@
 """From a trained workdir (or the main job's in-memory stages) to clips on disk.
 
 A :class:`Generator` holds the three trained parts — video VAE, audio AE, diffusion
-transformer — plus the tokenizer and the latent/mel statistics, and turns prompts into
-uint8 video and a waveform: noise -> sampler (CFG) -> denormalise -> decode -> Griffin-Lim.
+transformer — plus the tokenizer (and, with ``text.encoder="t5"``, the frozen pretrained
+caption encoder loaded from ``text.path``) and the latent/mel statistics, and turns prompts
+into uint8 video and a waveform: noise -> sampler (CFG) -> denormalise -> decode ->
+Griffin-Lim.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from data_pipelines.latents import load_stats
 from data_pipelines.mp4 import encode_mp4
 from data_pipelines.pipeline import audio_frame_multiple, mel_frames
 from data_pipelines.tokenizer import Tokenizer
+from vdiff.caption_encoder import CaptionEncoder
 from vdiff.config import load_saved_config
 from vdiff.diffusion import samplers
 
@@ -50,11 +53,14 @@ class Generator:
     latent_stats: dict[str, dict[str, np.ndarray]]
     audio_ae: nnx.Module | None = None
     mel_stats: dict[str, float] | None = None
+    # A pretrained caption encoder (text.encoder="t5"); None: the DiT's internal one.
+    captions: CaptionEncoder | None = None
 
     # ------------------------------------------------------------- building
     @classmethod
     def from_stages(cls, config, data, trained: Trained, *, use_ema: bool = True) -> Generator:
         """From the main job's trained stages in memory."""
+        captions = caption_encoder(config)
         return cls(
             config=config,
             vae=trained.vae.model(),
@@ -63,6 +69,7 @@ class Generator:
             latent_stats=trained.latent_stats,
             audio_ae=trained.audio_ae.model() if trained.audio_ae is not None else None,
             mel_stats=data.mel_stats,
+            captions=captions,
         )
 
     @classmethod
@@ -88,8 +95,12 @@ class Generator:
             a_engine = stages.audio_ae_engine(config, mesh)
             audio = restore_stage(workdir, "audio_ae", a_engine).model()
         data_stats = json.loads((workdir / "data_stats.json").read_text())
-        tokenizer = Tokenizer(data_root(config, workdir) / "tokenizer.model")
-        return cls(config, vae, dit, tokenizer, latent_stats, audio, data_stats["mel"])
+        captions = caption_encoder(config)
+        if captions is not None:
+            tokenizer = captions.tokenizer
+        else:
+            tokenizer = Tokenizer(data_root(config, workdir) / "tokenizer.model")
+        return cls(config, vae, dit, tokenizer, latent_stats, audio, data_stats["mel"], captions)
 
     # ------------------------------------------------------------ generating
     def generate(
@@ -174,7 +185,12 @@ class Generator:
                     f"sampling asks for {(num_frames, height, width)}"
                 )
             with_audio, audio_shape = False, None
-        tokens, mask = self.tokenizer.encode(list(prompts), c.data.caption_len)
+        empty = None
+        if self.captions is not None:  # the pretrained encoder's embeddings
+            tokens, mask = self.captions.encode(list(prompts))
+            empty = self.captions.empty()
+        else:
+            tokens, mask = self.tokenizer.encode(list(prompts), c.text.max_len)
         videos, waves = [], []
         for i in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - i)
@@ -195,6 +211,7 @@ class Generator:
                 cross_modal,
                 start,
                 None if fps is None else rate,
+                empty,
             )
             videos.append(out["video"])
             if with_audio:
@@ -206,7 +223,7 @@ class Generator:
 
     def _sample_batch(
         self, tokens, mask, rngs, video_shape, audio_shape, cfg, steps, sampler, cross_modal,
-        start=None, fps=None,
+        start=None, fps=None, empty=None,
     ):  # fmt: skip
 
         n = len(rngs)
@@ -233,6 +250,7 @@ class Generator:
             cross_modal=cross_modal,
             t_start=t_start,
             fps=fps,
+            empty_caption=empty,
         )
         return self.decode(out["video"], out["audio"] if audio_shape is not None else None)
 
@@ -273,6 +291,12 @@ class Generator:
             out["audio"] = mels_to_waves(mel, sample_rate=c.sample_rate, hop=c.hop)
             out["mel"] = mel
         return out
+
+
+def caption_encoder(config) -> CaptionEncoder | None:
+    """The pretrained caption encoder of ``text.encoder="t5"`` (loaded from ``text.path``);
+    None for the internal encoder, which is part of the transformer."""
+    return None if config.text.encoder == "internal" else CaptionEncoder.from_config(config)
 
 
 def default_bucket(config) -> Bucket:

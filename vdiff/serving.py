@@ -29,13 +29,13 @@ import safetensors
 from jax import export
 
 from data_pipelines.audio import mels_to_waves
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.tokenizer import PretrainedTokenizer, Tokenizer
 from vdiff.diffusion.schedule import noise_key, per_example_noise, time_grid
 from vdiff.errors import UserError
 from vdiff.manifest import read_versioned_json
 
 FORMAT = "vdiff-bundle"
-FORMAT_VERSION = 2  # 2: sampler steps and decoders per shape bucket
+FORMAT_VERSION = 3  # 2: sampler steps and decoders per shape bucket; 3: the caption encoder
 MANIFEST = "bundle.json"
 PARAMS_FILE = "params.safetensors"
 STATS_FILE = "stats.safetensors"
@@ -44,7 +44,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 FUNCTIONS_DIR = "functions"
 TENSOR_NAMING = (
-    "<module>.<attribute path>: module is dit, vae or audio_ae; the path of the parameter "
+    "<module>.<attribute path>: module is dit, vae, audio_ae or text; the path of the parameter "
     "inside the module joined with '.', list entries by index; the transformer's stacked "
     "blocks (dit.blocks.layers.*) keep a leading depth axis"
 )
@@ -168,9 +168,12 @@ class Bundle:
             )
             tok, msk = tokens[i : i + n], mask[i : i + n]
             if guided:  # the unconditional rows: empty captions, after the captions
-                tok = np.concatenate([tok, np.full_like(tok, g["pad_id"])])
-                msk = np.concatenate([msk, np.zeros_like(msk)])
-            text = self.call("text_encode", tok, msk)
+                etok, emsk = self._empty_captions(n, g)
+                tok, msk = np.concatenate([tok, etok]), np.concatenate([msk, emsk])
+            caption = (
+                tok if "text_embed" not in self.functions else self.call("text_embed", tok, msk)
+            )
+            text = self.call("text_encode", caption, msk)
             xv, xa = noise["video"], noise.get("audio")
             for j in range(steps):
                 state = (xv, xa) if self.has_audio else (xv,)
@@ -179,6 +182,14 @@ class Bundle:
             for k, v in self.decode(xv, xa, bucket=bucket).items():
                 parts.setdefault(k, []).append(v)
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _empty_captions(self, n: int, g: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` unconditional captions: all padding for the internal encoder, the encoded
+        empty string (its end token) for a pretrained one, as the run trained them."""
+        if g["text_encoder"] == "internal":
+            shape = (n, g["caption_len"])
+            return np.full(shape, g["pad_id"], np.int32), np.zeros(shape, bool)
+        return self.tokenizer.encode([""] * n, g["caption_len"])
 
     def buckets(self) -> list[str]:
         """The shape buckets the bundle samples (``HxWxT``), the default first."""
@@ -245,8 +256,11 @@ def load_bundle(path: str | Path) -> Bundle:
     for name, spec in manifest["tensors"]["entries"].items():
         if name not in tensors or list(tensors[name].shape) != spec["shape"]:
             raise UserError(f"{path}/{PARAMS_FILE} does not hold {name} {spec['shape']}; {_FIX}")
+    kind = (
+        Tokenizer if manifest["generation"]["text_encoder"] == "internal" else PretrainedTokenizer
+    )
     try:
-        tokenizer = Tokenizer.from_bytes(data[TOKENIZER_FILE])
+        tokenizer = kind.from_bytes(data[TOKENIZER_FILE])
     except ValueError as e:
         raise UserError(f"{path}/{TOKENIZER_FILE}: {e}; {_FIX}") from None
     here = _PLATFORMS.get(jax.default_backend(), {jax.default_backend()})

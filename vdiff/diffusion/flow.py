@@ -69,12 +69,35 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def empty_captions(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The unconditional caption: all pad tokens with an all-False mask."""
-    return jnp.full_like(tokens, PAD_ID), jnp.zeros_like(mask, dtype=bool)
+def empty_captions(caption: jax.Array, mask: jax.Array, empty=None) -> tuple[jax.Array, jax.Array]:
+    """The unconditional caption shaped like ``(caption, mask)``.
+
+    ``empty`` is a pretrained encoder's ``(embedding (L, D), mask (L,))`` of the empty
+    caption, repeated over the batch; None (the internal encoder): all pad tokens with an
+    all-False mask.
+    """
+    if empty is None:
+        return jnp.full_like(caption, PAD_ID), jnp.zeros_like(mask, dtype=bool)
+    emb, emask = empty
+    return (
+        jnp.broadcast_to(jnp.asarray(emb).astype(caption.dtype), caption.shape),
+        jnp.broadcast_to(jnp.asarray(emask, bool), mask.shape),
+    )
 
 
-def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
+def batch_caption(batch: dict) -> jax.Array:
+    """The caption input of a batch: cached embeddings ``text`` (a pretrained encoder) or
+    token ids ``tokens`` (the internal encoder)."""
+    if "text" in batch:
+        return batch["text"]
+    if "tokens" in batch:
+        return batch["tokens"]
+    raise ValueError(f"batch has neither 'text' nor 'tokens' (keys: {sorted(batch)})")
+
+
+def flow_loss(
+    model, batch: dict, rng: jax.Array, cfg, empty_caption=None
+) -> tuple[jax.Array, dict]:
     """Flow-matching loss of one batch.
 
     Per example: caption dropout (empty caption with prob ``caption_dropout``); one
@@ -93,19 +116,24 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
     Args:
         model: a :class:`vdiff.models.dit.DiT` (or anything with its call signature
             and a ``has_audio`` attribute).
-        batch: ``video_latents (B,T',H',W',C)``, ``tokens (B,L)``, ``mask (B,L)``,
+        batch: ``video_latents (B,T',H',W',C)``, ``tokens (B,L)`` or a pretrained
+            encoder's caption embeddings ``text (B,L,D)``, ``mask (B,L)``,
             optional ``audio_latents (B,Ta,Ca)``, ``has_audio (B,)`` and ``fps (B,)``
             (each clip's frame rate; frame ``i`` is at ``i / fps`` s; default the model's).
         rng: PRNG key (fixes t, noise, dropout and the clean-modality draw).
         cfg: the whole config or its ``diffusion`` section.
+        empty_caption: with ``text`` embeddings, the empty caption's ``(embedding (L, D),
+            mask (L,))`` that caption dropout swaps in (see :func:`empty_captions`).
 
     Returns:
         ``(loss, metrics)``; metrics are scalars.
     """
     d = cfg.diffusion if hasattr(cfg, "diffusion") else cfg
-    for key in ("video_latents", "tokens", "mask"):
+    for key in ("video_latents", "mask"):
         if key not in batch:
             raise ValueError(f"flow_loss: batch has no '{key}' (keys: {sorted(batch)})")
+    if "text" in batch and empty_caption is None:
+        raise ValueError("flow_loss: caption embeddings need the empty caption's embedding")
     x0_v = batch["video_latents"]
     b = x0_v.shape[0]
     x0_a = batch.get("audio_latents")
@@ -115,10 +143,10 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
         )
     k_t, k_ev, k_ea, k_drop, k_clean, k_cross = jax.random.split(rng, 6)
 
-    tokens, mask = batch["tokens"], batch["mask"].astype(bool)
+    caption, mask = batch_caption(batch), batch["mask"].astype(bool)
     drop = jax.random.uniform(k_drop, (b,)) < d.caption_dropout
-    empty_tok, empty_mask = empty_captions(tokens, mask)
-    tokens = jnp.where(drop[:, None], empty_tok, tokens)
+    empty_cap, empty_mask = empty_captions(caption, mask, empty_caption)
+    caption = jnp.where(drop.reshape((b,) + (1,) * (caption.ndim - 1)), empty_cap, caption)
     mask = jnp.where(drop[:, None], empty_mask, mask)
 
     t = sample_t(k_t, (b,), d.t_mean, d.t_std, d.shift, d.t_uniform)
@@ -144,7 +172,7 @@ def flow_loss(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]
             kwargs["cross_modal"] = jax.random.uniform(k_cross, (b,)) >= p_sep
     if "fps" in batch:  # each clip's own frame rate: its tokens' real times
         kwargs["video_times"] = model.clip_times(batch["fps"], x0_v.shape[1])
-    pred_v, pred_a = model(xt_v, t_v, tokens, mask, **kwargs)
+    pred_v, pred_a = model(xt_v, t_v, caption, mask, **kwargs)
 
     w_v = (~clean_video).astype(jnp.float32)
     loss_v = _weighted_mean(_per_example_mse(pred_v, eps_v - x0_v), w_v)

@@ -75,6 +75,7 @@ def _sample_jit(
     grid,
     scales,
     times,
+    empty,
     *,
     sampler,
     guided,
@@ -82,7 +83,7 @@ def _sample_jit(
 ):
     model = nnx.merge(graphdef, state)
     if guided:
-        empty_tok, empty_mask = empty_captions(tokens, mask)
+        empty_tok, empty_mask = empty_captions(tokens, mask, empty)
         tokens = jnp.concatenate([tokens, empty_tok], axis=0)
         mask = jnp.concatenate([mask, empty_mask], axis=0)
     text = model.encode_text(tokens, mask)
@@ -166,12 +167,14 @@ def sample(
     cross_modal: bool | None = None,
     t_start: float = 1.0,
     fps: float | None = None,
+    empty_caption=None,
 ) -> dict:
     """Samples latents from noise; deterministic for a given ``rng``.
 
     Args:
         model: a :class:`vdiff.models.dit.DiT`.
-        tokens: caption tokens ``(B, L)``.
+        tokens: caption tokens ``(B, L)``, or a pretrained encoder's caption embeddings
+            ``(B, L, D)`` (then ``empty_caption`` is the guidance's unconditional input).
         mask: caption mask ``(B, L)``.
         shapes: ``{"video": (B, T', H', W', C), "audio": (B, Ta, Ca) or None}``; any
             latent size the patch sizes divide, also sizes not seen in training.
@@ -194,6 +197,8 @@ def sample(
             much of a clip's content the model keeps from that noise level on.
         fps: the frame rate of the clip to sample (its tokens' times in seconds);
             default the model's (``data.fps``).
+        empty_caption: a pretrained encoder's empty caption ``(embedding (L, D), mask
+            (L,))`` (see :func:`vdiff.diffusion.flow.empty_captions`).
 
     Returns:
         ``{"video": (B,T',H',W',C), "audio": (B,Ta,Ca) or None}`` latents; a clean
@@ -236,7 +241,8 @@ def sample(
     graphdef, state = nnx.split(model)
     out_v, out_a = _sample_jit(
         graphdef, state, tokens, mask.astype(bool), xv, xa, clean_video, clean_audio,
-        jnp.asarray(time_grid(steps, shift) * t_start), scales, times, sampler=sampler,
+        jnp.asarray(time_grid(steps, shift) * t_start), scales, times, empty_caption,
+        sampler=sampler,
         guided=guided, cross_modal=cross_modal,
     )  # fmt: skip
     return {

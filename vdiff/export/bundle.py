@@ -10,9 +10,13 @@
     B/stats.safetensors      latent statistics (latent.<modality>.shift/scale) and mel
                              statistics (mel.mean, mel.std), float32
     B/config.json            the run config
-    B/tokenizer.model        the sentencepiece model
+    B/tokenizer.model        the sentencepiece model (a pretrained encoder's spiece.model)
     B/functions/*.bin        ``jax.export`` serialized functions (cpu and cuda):
-        text_encode              tokens (b, L), mask (b, L) -> text features, pooled, mask
+        text_encode              tokens (b, L), mask (b, L) -> text features, pooled, mask;
+                                 with a pretrained encoder: its embeddings (b, L, D)
+                                 bfloat16, mask (b, L) -> the same
+        text_embed               a pretrained encoder only: tokens (b, L), mask (b, L) ->
+                                 embeddings (b, L, D) bfloat16
         denoise_step.<sampler>.<cfg|nocfg>@<bucket>
                                  ONE Euler/Heun step of the sampler, guided or not
         decode_video@<bucket>    normalised video latents -> uint8 video
@@ -25,8 +29,16 @@ cannot express (the batch is symbolic). ``bundle.json`` lists them under
 ``generation.buckets`` with their clip and latent shapes; ``generation.default_bucket``
 (the first) is what a server samples when it names none.
 
+A bundle of a run with a pretrained caption encoder (``text.encoder="t5"``) carries that
+encoder: its weights are module ``text`` in params.safetensors (in ``text.dtype``, the
+numerics the run cached its embeddings with) and ``text_embed`` runs it. The bundle is then
+the one folder a server needs, checked file by file against its sha256 like every other
+weight, at the cost of a copy of the encoder (about 11 GB for UMT5-XXL in bfloat16).
+``generation.text_encoder`` says which encoder a bundle has; the unconditional rows of a
+guided step are then the encoded empty caption (its end token), not all-padding.
+
 Tensor naming (params.safetensors and every function's parameter list): ``<module>.<path>``
-where ``<module>`` is ``dit``, ``vae`` or ``audio_ae`` and ``<path>`` is the attribute path of
+where ``<module>`` is ``dit``, ``vae``, ``audio_ae`` or ``text`` and ``<path>`` is the attribute path of
 the parameter inside that module joined with dots; list entries appear by index
 (``dit.text_encoder.blocks.0.mlp.fc1.kernel``) and the transformer's stacked blocks keep their
 leading ``depth`` axis (``dit.blocks.layers.video.q.kernel`` has shape ``(depth, width,
@@ -73,6 +85,7 @@ from vdiff.train.stages import dit_sizes
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TEXT_FUNCTIONS = ("text_encode", "text_embed")  # shared by every bucket
 PLATFORMS = ("cpu", "cuda")
 
 
@@ -141,6 +154,12 @@ def export_generator(
     }
     if with_audio:
         modules["audio_ae"] = _module_parts(gen.audio_ae, "audio_ae", dt)
+    text_features = None
+    if gen.captions is not None:  # the pretrained encoder, in the dtype the run used
+        t_dt = jnp.dtype(c.text.dtype)
+        encoder = nnx.merge(gen.captions.graphdef, gen.captions.state)
+        modules["text"] = _module_parts(encoder, "text", t_dt)
+        text_features = gen.captions.width
 
     stats = {
         f"latent.{mod}.{k}": np.asarray(gen.latent_stats[mod][k], np.float32)
@@ -156,12 +175,13 @@ def export_generator(
     (b,) = export.symbolic_shape("b")
     (b2,) = export.symbolic_shape("2*b", scope=b.scope)
     for bucket, bshapes in shapes.items():
-        symbolic = _function_specs(c, bshapes, with_audio, stats, dt, b, b2)
+        spec_args = (c, bshapes, with_audio, stats, dt, text_features)
+        symbolic = _function_specs(*spec_args, b, b2)
         # jax.export keeps every input of a shape-polymorphic function, so the parameters a
         # function reads are found on a batch-1 export (they do not depend on the batch).
-        concrete = _function_specs(c, bshapes, with_audio, stats, dt, 1, 2)
+        concrete = _function_specs(*spec_args, 1, 2)
         for name, (module, fn, inputs) in symbolic.items():
-            if name != "text_encode":
+            if name not in TEXT_FUNCTIONS:
                 name = f"{name}@{bucket}"
             elif name in functions:
                 continue
@@ -175,7 +195,7 @@ def export_generator(
     for mod in modules.values():
         for n, x in zip(mod["names"], mod["leaves"]):
             if n in used:
-                tensors[n] = np.asarray(jax.device_get(x)).astype(dt)
+                tensors[n] = np.asarray(jax.device_get(x)).astype(mod["dtype"])
 
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
@@ -221,8 +241,9 @@ def export_generator(
         },
         "generation": {
             "fps": float(c.data.fps),
-            "caption_len": int(c.data.caption_len),
+            "caption_len": int(c.text.max_len),
             "pad_id": _pad_id(),
+            "text_encoder": c.text.encoder,
             "audio": with_audio,
             **(
                 {"sample_rate": int(c.data.sample_rate), "hop": int(c.data.hop)}
@@ -288,6 +309,7 @@ def _module_parts(module, prefix: str, dtype, template=None) -> dict:
         "treedef": treedef,
         "graphdef": graphdef,
         "rest": rest,
+        "dtype": dtype,
         "abstract": [jax.ShapeDtypeStruct(x.shape, dtype) for _, x in with_path],
     }
 
@@ -312,7 +334,7 @@ def _bucket_shapes(gen, bucket, with_audio: bool) -> dict:
         "num_frames": bucket.frames,
         "height": bucket.height,
         "width": bucket.width,
-        "caption_len": int(c.data.caption_len),
+        "caption_len": int(c.text.max_len),
         "video_latent_shape": [
             int(gen.vae.latent_frames(bucket.frames)),
             bucket.height // sd,
@@ -335,26 +357,35 @@ def _pad_id() -> int:
     return int(PAD_ID)
 
 
-def _function_specs(c, shapes: dict, with_audio: bool, stats: dict, text_dtype, b, b2) -> dict:
+def _function_specs(
+    c, shapes: dict, with_audio: bool, stats: dict, text_dtype, text_features, b, b2
+) -> dict:
     """name -> (module, fn(model, *inputs), [(input name, ShapeDtypeStruct)]).
 
     ``text_dtype``: the transformer's compute dtype, which its text features come in;
+    ``text_features``: a pretrained caption encoder's width (None: the internal encoder);
     ``b``, ``b2``: the batch and the guided text batch (symbolic ``b`` and ``2*b``, or
     concrete sizes).
     """
 
     f32, L = jnp.float32, shapes["caption_len"]
-    tw = c.model.text_width
+    tw = text_features or c.model.text_width
     sds = jax.ShapeDtypeStruct
     xv = ("video_latents", sds((b, *shapes["video_latent_shape"]), f32))
     xa = [("audio_latents", sds((b, *shapes["audio_latent_shape"]), f32))] if with_audio else []
-    specs = {
-        "text_encode": (
-            "dit",
-            lambda m, tokens, mask: m.encode_text(tokens, mask),
-            [("tokens", sds((b, L), jnp.int32)), ("mask", sds((b, L), jnp.bool_))],
-        )
-    }
+    ids = [("tokens", sds((b, L), jnp.int32)), ("mask", sds((b, L), jnp.bool_))]
+    encode = lambda m, caption, mask: m.encode_text(caption, mask)  # noqa: E731
+    if text_features is None:
+        specs = {"text_encode": ("dit", encode, ids)}
+    else:
+        specs = {
+            "text_embed": ("text", lambda m, t, mask: m(t, mask).astype(jnp.bfloat16), ids),
+            "text_encode": (
+                "dit",
+                encode,
+                [("caption", sds((b, L, tw), jnp.bfloat16)), ("mask", sds((b, L), jnp.bool_))],
+            ),
+        }
     for sampler in SAMPLERS:
         for guided in (True, False):
             rows = b2 if guided else b

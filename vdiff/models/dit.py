@@ -5,7 +5,11 @@ Tokens:
   patches, embedded linearly, plus a learned video modality vector;
 - audio latents ``(B, Ta, Ca)`` are cut into ``model.audio_patch`` frames per token
   with their own embedding and modality vector;
-- caption tokens go through the jointly trained :class:`TextEncoder`.
+- captions: either tokens that the jointly trained :class:`TextEncoder` encodes
+  (``text.encoder="internal"``), or the per-token embeddings of a frozen pretrained
+  encoder (``text.encoder="t5"``, cached with the latents), brought to the transformer's
+  width by a two-layer GELU MLP as in Wan. Either way the pooled text vector is the mean
+  of the caption's features over its tokens.
 
 Every video/audio token carries its physical time in seconds (3D RoPE, see
 :mod:`vdiff.models.rope`), so video and audio line up in attention by time.
@@ -57,6 +61,7 @@ from vdiff.models.layers import (
     RMSNorm,
     TimestepEmbedder,
     layer_norm,
+    masked_mean,
     modulate,
 )
 from vdiff.models.rope import (
@@ -238,6 +243,19 @@ class JointBlock(nnx.Module):
         return new
 
 
+class TextProjection(nnx.Module):
+    """A pretrained encoder's embeddings -> the transformer's width: Linear, GELU, Linear."""
+
+    def __init__(self, din, width, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(din, width, (None, "embed"), **kw)
+        self.fc2 = Dense(width, width, ("embed", None), **kw)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
 class FinalLayer(nnx.Module):
     """adaLN (shift, scale) + zero-initialised projection to the patch dimension."""
 
@@ -268,12 +286,14 @@ def remat_policy(name: str):
 @dataclasses.dataclass(frozen=True)
 class DiTSizes:
     """What the transformer takes from the other parts of a run: the autoencoders' latent
-    channels and strides, the tokenizer's vocabulary, the clip rate, and the numerics the
-    trainer chooses (remat policy, compute and parameter dtypes)."""
+    channels and strides, the tokenizer's vocabulary or a pretrained text encoder's width,
+    the clip rate, and the numerics the trainer chooses (remat policy, compute and
+    parameter dtypes)."""
 
     latent_channels: int
     audio_channels: int | None  # None: no audio stream
     vocab_size: int
+    text_features: int | None  # a pretrained encoder's width; None: the internal encoder
     fps: float
     temporal_down: int
     audio_latents_per_second: float
@@ -298,13 +318,15 @@ MUON_MATRICES = {
 class DiT(nnx.Module):
     """The video(+audio) diffusion transformer; build it with :meth:`from_config`.
 
-    Call: ``model(video, t_video, tokens, mask, audio=..., t_audio=..., audio_mask=...)``
-    -> ``(video_velocity, audio_velocity or None)`` with the shapes of the inputs.
+    Call: ``model(video, t_video, caption, mask, audio=..., t_audio=..., audio_mask=...)``
+    -> ``(video_velocity, audio_velocity or None)`` with the shapes of the inputs, where
+    ``caption`` is token ids ``(B, L)`` for the internal text encoder or a pretrained
+    encoder's embeddings ``(B, L, text_features)``.
     """
 
     def __init__(
         self, *, rngs: nnx.Rngs, latent_channels: int, audio_channels: int | None, vocab_size: int,
-        width: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+        text_features: int | None = None, width: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
         patch=(1, 2, 2), audio_patch: int = 1, text_width: int = 128, text_depth: int = 2,
         text_heads: int = 4, text_attention: str = "joint", qk_norm: bool = True,
         cross_modal: bool = True, attention_backend: str = "auto", scan_layers: bool = True,
@@ -333,16 +355,21 @@ class DiT(nnx.Module):
         self.backend = attention_backend
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.text_encoder = TextEncoder(
-            vocab_size,
-            text_width,
-            text_depth,
-            text_heads,
-            mlp_ratio=mlp_ratio,
-            backend=attention_backend,
-            **kw,
-        )
-        self.text_proj = Dense(text_width, width, (None, "embed"), **kw)
+        self.text_features = text_features
+        if text_features is None:
+            self.text_encoder = TextEncoder(
+                vocab_size,
+                text_width,
+                text_depth,
+                text_heads,
+                mlp_ratio=mlp_ratio,
+                backend=attention_backend,
+                **kw,
+            )
+            self.text_proj = Dense(text_width, width, (None, "embed"), **kw)
+        else:  # a frozen pretrained encoder's embeddings come in at its own width
+            text_width = text_features
+            self.text_proj = TextProjection(text_features, width, **kw)
         self.pool_fc1 = Dense(text_width, width, (None, "embed"), **kw)
         self.pool_fc2 = Dense(width, width, ("embed", None), **kw)
         self.t_embed = TimestepEmbedder(width, **kw)
@@ -419,11 +446,20 @@ class DiT(nnx.Module):
         return bool(self.audio_channels)
 
     def encode_text(
-        self, tokens: jax.Array, mask: jax.Array
+        self, caption: jax.Array, mask: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(features (B,L,text_width), pooled (B,text_width), mask)``; constant over sampling steps."""
-        feats, pooled = self.text_encoder(tokens, mask)
-        return feats, pooled, mask.astype(bool)
+        """``(features (B,L,text_width), pooled (B,text_width), mask)``; constant over sampling
+        steps. ``caption``: token ids (internal encoder) or a pretrained encoder's embeddings."""
+        mask = mask.astype(bool)
+        if self.text_features is None:
+            feats, pooled = self.text_encoder(caption, mask)
+            return feats, pooled, mask
+        if caption.ndim != 3 or caption.shape[-1] != self.text_features:
+            raise ValueError(
+                f"caption embeddings must be (B, L, {self.text_features}), got {caption.shape}"
+            )
+        feats = caption.astype(self.text_proj.dtype)
+        return feats, masked_mean(feats, mask), mask
 
     def clip_times(self, fps: jax.Array, num_latent_frames: int) -> jax.Array:
         """``video_times`` (B, T'/pt) of clips at frame rates ``fps`` (B,)."""
@@ -488,7 +524,8 @@ class DiT(nnx.Module):
         Args:
             video: noisy video latents ``(B, T', H', W', C)``.
             t_video: video noise level ``(B,)`` in [0, 1] (1 = pure noise).
-            tokens: caption tokens ``(B, L)`` int (ignored when ``text`` is given).
+            tokens: caption tokens ``(B, L)`` int, or a pretrained encoder's caption
+            embeddings ``(B, L, text_features)`` (ignored when ``text`` is given).
             mask: caption mask ``(B, L)`` bool; all False = empty caption.
             audio: noisy audio latents ``(B, Ta, Ca)`` or None.
             t_audio: audio noise level ``(B,)``; required with ``audio``.

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from vdiff.models.rope import ABS_FEATURES
+from vdiff.models.t5 import pretrained_width
 
 
 def _mm(m: float, k: float, n: float) -> float:
@@ -29,7 +30,10 @@ def _stream_layer(tokens: float, width: int, hidden: int) -> float:
 
 
 def text_encoder_flops(cfg, text_len: int) -> float:
-    """Forward FLOPs of the text encoder for one caption."""
+    """Forward FLOPs of the internal text encoder for one caption in the train step (0 for
+    a pretrained encoder: its embeddings are cached, the step never runs it)."""
+    if cfg.text.encoder != "internal":
+        return 0.0
     m = cfg.model
     tw = m.text_width
     hidden = int(tw * m.mlp_ratio)
@@ -78,8 +82,11 @@ def dit_forward_flops(cfg, video_shape, audio_len: int | None, text_len: int) ->
         flops += _mm(nv, ABS_FEATURES, w)  # absolute position features -> width
     if audio_on:
         flops += _mm(na, adim, w) * 2 + _mm(1, w, 2 * w)
-    flops += _mm(text_len, m.text_width, w)  # text projection
-    flops += _mm(1, m.text_width, w) + _mm(1, w, w)  # pooled text MLP
+    tw = pretrained_width(cfg.text) or m.text_width
+    flops += _mm(text_len, tw, w)  # text projection
+    if cfg.text.encoder != "internal":  # its second layer
+        flops += _mm(text_len, w, w)
+    flops += _mm(1, tw, w) + _mm(1, w, w)  # pooled text MLP
     flops += (1 + audio_on) * (_mm(1, 256, w) + _mm(1, w, w))  # timestep embedders
     return flops
 

@@ -132,6 +132,14 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``x (B, L, D)`` over the tokens where ``mask (B, L)`` is True, in float32,
+    returned in ``x``'s dtype; an all-False row gives zeros (its count is taken as 1)."""
+    m = mask[..., None].astype(jnp.float32)
+    total = jnp.sum(x.astype(jnp.float32) * m, axis=1)
+    return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x.dtype)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """adaLN: ``x * (1 + scale) + shift`` with per-example ``(B, D)`` shift/scale."""
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]

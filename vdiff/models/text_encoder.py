@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import vdiff.parallel.sharding as sharding
-from vdiff.models.layers import MLP, RMSNorm, SelfAttention
+from vdiff.models.layers import MLP, RMSNorm, SelfAttention, masked_mean
 from vdiff.models.rope import apply_rope, rope_angles_1d
 
 # Token id used for empty captions; any id works since masked tokens never reach the outputs.
@@ -111,6 +111,4 @@ class TextEncoder(nnx.Module):
         for block in self.blocks:
             x = block(x, mask, angles)
         x = self.norm(x)
-        m = mask[..., None].astype(jnp.float32)
-        pooled = jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-        return x, pooled.astype(x.dtype)
+        return x, masked_mean(x, mask)

@@ -55,8 +55,11 @@ from data_pipelines.records import decode_record
 from data_pipelines.shapes.synth import synth_splits
 from data_pipelines.stream import READ_THREADS
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
+from vdiff.caption_encoder import SPIECE, load_tokenizer
 from vdiff.errors import UserError
 from vdiff.manifest import atomic_write_text, file_sha256
+from vdiff.models.t5 import T5Spec
+from vdiff.models.t5_weights import CONFIG as T5_CONFIG
 from vdiff.train.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -404,16 +407,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     else:
         raise UserError(f"data.name='{config.data.name}' is not known; use 'shapes' or 'records'")
 
-    tok_path = root / "tokenizer.model"
-    if not tok_path.exists():
-
-        def make_tokenizer():
-            src = open_split(records / "train")
-            captions = [decode_record(src[i])["caption"] for i in range(len(src))]
-            train_tokenizer(captions, str(root / "tokenizer"), vocab_size=config.data.vocab_size)
-
-        _on_process_zero(make_tokenizer, "vdiff_tokenizer")
-    tokenizer = Tokenizer(tok_path)
+    tok_path, tokenizer = caption_tokenizer(config, root, records)
     mode = config.data.decode
     if mode not in DECODE_MODES:
         raise UserError(f"data.decode='{mode}' is not known; use 'cache' or 'stream'")
@@ -484,6 +478,26 @@ def _split_buckets(
     return clip_index.SplitBuckets.assign(facts, buckets, float(config.data.fps))
 
 
+def caption_tokenizer(config, root: Path, records: Path):
+    """``(path, tokenizer)`` of the captions: a pretrained encoder's ``spiece.model``
+    (``text.encoder="t5"``), else ``DATA_ROOT/tokenizer.model``, trained on the train
+    split's captions on first use."""
+    if config.text.encoder != "internal":
+        folder = Path(config.text.path)
+        spec = T5Spec.from_config_json(folder / T5_CONFIG)
+        return folder / SPIECE, load_tokenizer(folder, spec.vocab_size)
+    tok_path = root / "tokenizer.model"
+    if not tok_path.exists():
+
+        def make_tokenizer():
+            src = open_split(records / "train")
+            captions = [decode_record(src[i])["caption"] for i in range(len(src))]
+            train_tokenizer(captions, str(root / "tokenizer"), vocab_size=config.data.vocab_size)
+
+        _on_process_zero(make_tokenizer, "vdiff_tokenizer")
+    return tok_path, Tokenizer(tok_path)
+
+
 def _clips_tag(config, records: Path, splits: list[str], tok_path: Path) -> dict:
     """What the decoded clips come from; a cache of them is reused only while this holds."""
     d = config.data
@@ -493,7 +507,7 @@ def _clips_tag(config, records: Path, splits: list[str], tok_path: Path) -> dict
         "buckets": [[int(x) for x in b] for b in d.buckets],
         "fps": float(d.fps),
         "seed": int(config.seed),  # the clip windows
-        "caption_len": int(d.caption_len),
+        "caption_len": int(config.text.max_len),
         "audio": bool(d.audio),
         "mel": [int(d.sample_rate), int(d.hop), int(d.n_mels), int(config.audio_ae.time_down)],
     }
@@ -528,7 +542,7 @@ def _cache_folder(config) -> str:
     d = config.data
     names = [Bucket(*map(int, b)).name for b in d.buckets]
     label = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
-    return f"{label}_{d.fps:g}fps_L{d.caption_len}"
+    return f"{label}_{d.fps:g}fps_L{config.text.max_len}"
 
 
 def _frames_cache(config, root: Path, records: Path, splits, tokenizer, tag: dict, members) -> Path:

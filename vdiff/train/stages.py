@@ -29,11 +29,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipelines import latents as lc
+from vdiff.caption_encoder import CaptionEncoder, encoder_identity
 from vdiff.diffusion.flow import flow_loss
 from vdiff.errors import UserError
 from vdiff.models.audio_ae import AudioAE
 from vdiff.models.dit import DiT, DiTSizes
 from vdiff.models.losses import audio_ae_loss, vae_loss
+from vdiff.models.t5 import pretrained_width
 from vdiff.models.video_vae import VideoVAE, from_pixels, normalize
 from vdiff.train.data import Data, bucket_batches, part_name
 from vdiff.train.distributed import barrier
@@ -286,7 +288,10 @@ def dit_input(config) -> str:
 
 def _cache_tag(config, data: Data, trained: Trained) -> dict:
     """What a latent cache was made from; a cache is reused only while this is unchanged."""
-    d = config.data
+    d, x = config.data, config.text
+    text = {"encoder": x.encoder}
+    if x.encoder != "internal":
+        text.update(encoder_identity(Path(x.path)), max_len=int(x.max_len), dtype=x.dtype)
     return {
         "vae_step": trained.vae.step if trained.vae is not None else None,
         "audio_step": trained.audio_ae.step if trained.audio_ae is not None else None,
@@ -295,6 +300,7 @@ def _cache_tag(config, data: Data, trained: Trained) -> dict:
             "decoded": data.tag,
             "vocab_size": int(d.vocab_size),
         },
+        "text": text,
     }
 
 
@@ -309,8 +315,11 @@ def _encode_padded(fn, x: np.ndarray) -> np.ndarray:
     return np.asarray(fn(x))[:n]
 
 
-def _encode_part(data: Data, split: str, bucket, fns, writer: lc.PartWriter) -> None:
-    """This process's consecutive run of ``split``'s clips in ``bucket`` -> latent records."""
+def _encode_part(
+    data: Data, split: str, bucket, fns, writer: lc.PartWriter, captions: CaptionEncoder | None
+) -> None:
+    """This process's consecutive run of ``split``'s clips in ``bucket`` -> latent records
+    (with ``captions``, each with its caption's embedding, kept to its real tokens)."""
     src = data.source(split, bucket)
     pi, pc = jax.process_index(), jax.process_count()
     lo, hi = len(src) * pi // pc, len(src) * (pi + 1) // pc
@@ -322,6 +331,8 @@ def _encode_part(data: Data, split: str, bucket, fns, writer: lc.PartWriter) -> 
         if "audio" in fns and "audio" in rows:
             mel = ((rows["audio"] - norm["shift"]) * norm["scale"]).astype(np.float32)
             z["audio"] = _encode_padded(fns["audio"], mel)
+        if captions is not None:
+            z["text"] = captions.encode_ids(rows["tokens"], rows["mask"])
         for i in range(n):
             writer.write(
                 {
@@ -329,6 +340,7 @@ def _encode_part(data: Data, split: str, bucket, fns, writer: lc.PartWriter) -> 
                     "index": int(rows["index"][i]),
                     "video": z["video"][i],
                     "audio": z["audio"][i] if "audio" in z else None,
+                    "text": z["text"][i][: rows["mask"][i].sum()] if "text" in z else None,
                     "has_audio": bool(rows["has_audio"][i]),
                     "tokens": rows["tokens"][i],
                     "mask": rows["mask"][i],
@@ -380,6 +392,11 @@ def cache_latents(
         lc.clear_cache(out_dir)
     barrier("vdiff_latents_clear")
     fns = encoder_fns(trained)
+    captions = None
+    if config.text.encoder != "internal" and want:
+        captions = CaptionEncoder.from_config(config)
+        if pi == 0:
+            lc.save_empty_caption(out_dir, *captions.empty())
     parts = [(split, b) for split in want or ["train"] for b in data.parts(split)]
     for split, bucket in parts:
         writer = lc.PartWriter(
@@ -391,7 +408,7 @@ def cache_latents(
             keep_records=bool(want),
         )
         try:
-            _encode_part(data, split, bucket, fns, writer)
+            _encode_part(data, split, bucket, fns, writer, captions)
         except BaseException:
             writer.abort()
             raise
@@ -419,6 +436,11 @@ def cache_latents(
         size / 1e6,
     )
     return LatentCache(out_dir, lc.load_stats(out_dir), meta)
+
+
+def empty_caption(config, latents: LatentCache):
+    """The cached empty caption of a pretrained encoder; None with the internal one."""
+    return None if config.text.encoder == "internal" else lc.load_empty_caption(latents.dir)
 
 
 def clip_encoder(config, trained: Trained, stats: LatentStats):
@@ -461,6 +483,7 @@ def dit_sizes(config: ml_collections.ConfigDict) -> DiTSizes:
         latent_channels=config.vae.latent_channels,
         audio_channels=config.audio_ae.latent_channels if d.audio else None,
         vocab_size=d.vocab_size,
+        text_features=pretrained_width(config.text),
         fps=d.fps,
         temporal_down=config.vae.temporal_down,
         audio_latents_per_second=d.sample_rate / d.hop / config.audio_ae.time_down,
@@ -470,12 +493,17 @@ def dit_sizes(config: ml_collections.ConfigDict) -> DiTSizes:
     )
 
 
-def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engine:
+def dit_engine(
+    config: ml_collections.ConfigDict, mesh, *, encode=None, empty_caption=None
+) -> Engine:
     """The transformer's engine; ``encode`` (see :func:`clip_encoder`) maps raw clip
-    batches to latents inside the step, for ``data.dit_input="clips"``."""
+    batches to latents inside the step, for ``data.dit_input="clips"``;
+    ``empty_caption`` (:func:`empty_caption`) is what caption dropout swaps in for a
+    pretrained encoder's embeddings (a constant of the step)."""
 
     def loss_fn(model, batch, rng):
-        return flow_loss(model, batch if encode is None else encode(batch), rng, config)
+        batch = batch if encode is None else encode(batch)
+        return flow_loss(model, batch, rng, config, empty_caption)
 
     t = config.train
     return _stage_engine(
@@ -495,7 +523,8 @@ def dit_engine(config: ml_collections.ConfigDict, mesh, *, encode=None) -> Engin
 
 def dit_latent_fields(config, latents: LatentCache) -> dict[str, str]:
     """Transformer input -> latent record field, for ``data.dit_input="latents"``."""
-    fields = {"video_latents": "video", "tokens": "tokens", "mask": "mask", "fps": "fps"}
+    caption = "tokens" if config.text.encoder == "internal" else "text"
+    fields = {"video_latents": "video", caption: caption, "mask": "mask", "fps": "fps"}
     if config.data.audio and "audio" in latents.stats:
         fields.update(audio_latents="audio", has_audio="has_audio")
     return fields
@@ -546,7 +575,7 @@ def train_dit(
     """Trains the transformer from the latent cache, or (``data.dit_input="clips"``) from
     the decoded clips, encoding each batch with the frozen autoencoders in ``trained``."""
     if dit_input(config) == "latents":
-        engine = dit_engine(config, mesh)
+        engine = dit_engine(config, mesh, empty_caption=empty_caption(config, latents))
         stream_for = dit_latent_stream(config, data, latents)
     else:
         if trained.vae is None:
