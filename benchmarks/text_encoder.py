@@ -52,7 +52,7 @@ def make_folder(args, folder: Path) -> None:
     texts = [" ".join(rng.choice(words, 12)) for _ in range(4000)]
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=proto, vocab_size=8000, pad_id=0, eos_id=1,
+        sentence_iterator=iter(texts), model_writer=proto, vocab_size=3000, pad_id=0, eos_id=1,
         unk_id=2, bos_id=-1, minloglevel=2,
     )  # fmt: skip
     (folder / "spiece.model").write_bytes(proto.getvalue())

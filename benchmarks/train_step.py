@@ -56,6 +56,16 @@ def machine() -> dict:
     }
 
 
+def save_results(out: str, name: str, payload: dict) -> Path:
+    """Writes ``payload`` to ``out/<name>_<platform>.json`` and says where."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}_{jax.default_backend()}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
     """Dense matmul FLOP/s of one device in ``dtype`` (median of ``repeats``)."""
     a = jnp.ones((n, n), dtype)
@@ -204,11 +214,7 @@ def main() -> None:
             f"{r['compile_s']:9.1f} {r['step_s_median']:7.3f} {r['tokens_per_s']:8.0f} {r['model_tflop_per_s']:8.3f} "
             f"{r['matmul_peak_tflop_per_s']:7.3f} {r['mfu']:6.1%} {mb['arguments']:8.1f} {mb['temp']:8.1f}"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train_step_{info['backend']}.json"
-    path.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
-    print(f"wrote {path}")
+    save_results(args.out, "train_step", {"machine": info, "results": rows})
 
 
 if __name__ == "__main__":

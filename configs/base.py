@@ -98,7 +98,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.qk_norm = True
     m.freeze_text = False
     m.scan_layers = True
-    m.attention = "auto"  # "auto" (ring on a context mesh, cudnn on GPU, else xla), "xla", "cudnn", "ring", "splash"
+    # "auto": on a context mesh Ulysses (heads divide by the context) else ring; else cuDNN
+    # on GPU, splash on TPU, blockwise past 512 tokens, xla below. Or one of "xla",
+    # "blockwise", "cudnn", "splash" (TPU), "ring", "ulysses", "ulysses_ring" (vdiff/models/attention.py).
+    m.attention = "auto"
     m.cross_modal = (
         True  # False: no audio<->video attention (text tokens then attend to text only); ablation
     )

@@ -118,3 +118,58 @@ def test_auto_backend_picks_ring_only_when_tokens_are_split(devices):
     assert hlo.count("collective-permute(") + hlo.count("collective-permute-start(") == 6
     with pytest.raises(ValueError, match="tokens"):
         ring_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- Ulysses
+
+
+def _stream_mask(length):
+    """Video, audio and text streams with text padding, one example without sound and the
+    cross-modal ablation on two examples (one of them with an all-masked text row set)."""
+    from vdiff.models.token_mask import stream_mask
+
+    lens = {"video": length - 9, "audio": 5, "text": 4}
+    text = jnp.arange(4)[None] < jnp.array([4, 0, 2, 3])[:, None]
+    audio = jnp.broadcast_to(jnp.array([True, True, False, True])[:, None], (B, 5))
+    return stream_mask(lens, {"audio": audio, "text": text}, jnp.array([1, 0, 1, 0], bool), B)
+
+
+@pytest.mark.parametrize(
+    "sizes,backend,heads",
+    [
+        (dict(data=2, context=4), "ulysses", 4),
+        (dict(context=8), "ulysses", 8),
+        (dict(context=8), "ulysses_ring", 4),  # all-to-all in groups of 4, ring of 2
+        (dict(data=2, context=4), "ulysses_ring", 2),  # groups of 2, ring of 2
+    ],
+)
+def test_ulysses_equals_full_attention(devices, sizes, backend, heads):
+    length = 37  # not a multiple of the context size: padded
+    k = jax.random.split(jax.random.key(5), 3)
+    q, kk, v = (jax.random.normal(x, (B, length, heads, D)) for x in k)
+    mask = _stream_mask(length)
+
+    def value_and_grads(fn):
+        return jax.jit(lambda *a: (fn(*a), jax.grad(loss(fn), argnums=(0, 1, 2))(*a)))
+
+    full = value_and_grads(lambda *a: attention(*a, "xla"))(q, kk, v, mask)
+    with jax.set_mesh(mesh_of(**sizes)), sharding.axis_rules(RULES):
+        assert resolve_backend(backend, jnp.float32, D, (length, length), heads) == backend
+        fn = value_and_grads(lambda *a: attention(*a, backend))
+        out = fn(q, kk, v, mask)
+        hlo = fn.lower(q, kk, v, mask).compile().as_text()
+    assert hlo.count("all-to-all") >= 4  # q, k, v to heads and the output back
+    if backend == "ulysses_ring":
+        assert "collective-permute" in hlo
+    np.testing.assert_allclose(out[0], full[0], **TOL)
+    for a, b in zip(out[1], full[1]):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_ulysses_needs_heads_divisible_by_the_context(devices):
+    q, k, v = qkv(16, 16)  # 2 heads
+    with jax.set_mesh(mesh_of(data=2, context=4)), sharding.axis_rules(RULES):
+        assert resolve_backend("auto", jnp.float32, D, (16, 16), 2) == "ring"
+        assert resolve_backend("auto", jnp.float32, D, (16, 16), 8) == "ulysses"
+        with pytest.raises(ValueError, match="heads must divide"):
+            attention(q, k, v, None, "ulysses")

@@ -29,7 +29,12 @@ MESHES = {
     "fsdp8": dict(fsdp=8),
     "d2f2t2": dict(data=2, fsdp=2, tensor=2),
     "d2c4": dict(data=2, context=4),
+    "d2c4_ulysses": dict(data=2, context=4),
+    "c8_ulysses_ring": dict(context=8),
 }
+# model.attention per mesh (default "auto": Ulysses where the heads divide by the context,
+# else ring); c8: 4 heads over 8 context devices -> all-to-all in groups of 4, ring of 2.
+ATTENTION = {"d2c4": "ring", "d2c4_ulysses": "ulysses", "c8_ulysses_ring": "ulysses_ring"}
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 BATCH = 8
 # Video latents (2, 4, 4, 4) with 1x2x2 patches = 8 tokens + 7 caption tokens: 15 joint
@@ -39,12 +44,13 @@ BATCH = 8
 VIDEO, TEXT = (2, 4, 4, 4), 7
 
 
-def tiny_config(mesh_shape):
+def tiny_config(mesh_shape, attention="auto"):
     cfg = load_config("tiny")
     m = cfg.model
     m.width, m.depth, m.heads, m.mlp_ratio = 64, 2, 4, 2.0
-    m.text_width, m.text_depth, m.text_heads = 32, 1, 2
-    m.attention = "auto"  # ring on the context mesh, xla elsewhere
+    # 4 text heads too: explicit Ulysses splits every attention's heads over the context.
+    m.text_width, m.text_depth, m.text_heads = 32, 1, 4
+    m.attention = attention
     cfg.vae.latent_channels = cfg.audio_ae.latent_channels = 4
     cfg.data.vocab_size = 64
     cfg.data.audio = False
@@ -68,7 +74,7 @@ def batch():
 
 def engine_for(name, devices):
     shape = MESHES[name]
-    cfg = tiny_config(shape)
+    cfg = tiny_config(shape, ATTENTION.get(name, "auto"))
     return dit_engine(cfg, make_mesh(cfg, devices[: int(np.prod(list(shape.values())))]))
 
 
@@ -118,18 +124,22 @@ def reference(compiled, initial_state):
     return train("one", compiled, initial_state)
 
 
-@pytest.mark.parametrize("name", ["data8", "fsdp8", "d2f2t2", "d2c4"])
+@pytest.mark.parametrize(
+    "name", ["data8", "fsdp8", "d2f2t2", "d2c4", "d2c4_ulysses", "c8_ulysses_ring"]
+)
 def test_dit_step_matches_one_device(compiled, initial_state, reference, name):
     ref_state, ref_metrics = reference
     state, metrics = train(name, compiled, initial_state)
-    if name == "d2c4":  # "auto" attention chose the ring: K/V blocks pass between devices
-        hlo = compiled(name)[1].as_text()
+    hlo = compiled(name)[1].as_text()
+    if name == "d2c4":  # the ring: K/V blocks pass between devices
         ring = [
             line
             for line in hlo.splitlines()
             if "collective-permute(" in line and "ppermute" in line
         ]
         assert len(ring) >= 2 * (4 - 1)  # K and V, context - 1 hops, per attention
+    if "ulysses" in name:  # sequence <-> heads swaps: q, k, v in and the output back
+        assert hlo.count("all-to-all(") + hlo.count("all-to-all-start(") >= 4
     # Tolerance (float32): shards reorder reductions and the ring sums attention blocks in
     # another order. Observed: <= 3e-7 relative on the loss and gradient norm, <= 1.3e-6 on
     # the weights (Adam's division by sqrt(v) amplifies noise on near-zero gradients).

@@ -323,6 +323,10 @@ def check_static(config: ml_collections.ConfigDict) -> None:
     _check_probabilities(config)
     _check_renoise_levels(config)
     _check_text(config)
+    from vdiff.models.attention import BACKENDS  # jax: only once a config is checked
+
+    if config.model.attention not in BACKENDS:
+        raise UserError(f"model.attention={config.model.attention!r}: use one of {BACKENDS}")
     optimizer = config.train.optimizer
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"train.optimizer={optimizer!r}: use 'adamw' or 'muon'")

@@ -1,20 +1,35 @@
 """Scaled dot-product attention behind one function, with selectable backends.
 
-``attention(q, k, v, mask, backend)`` takes ``(B, L, heads, head_dim)`` arrays and a
-boolean mask (True = attend) broadcastable to ``(B, heads, Lq, Lk)``.
+``attention(q, k, v, mask, backend)`` takes ``(B, L, heads, head_dim)`` arrays and a mask:
+a :class:`~vdiff.models.token_mask.TokenMask` (per-token ids, O(L) memory: what the models
+pass), ``(B, Lk)`` boolean key padding, or a dense boolean (True = attend) broadcastable to
+``(B, heads, Lq, Lk)``.
 
 Backends (``model.attention``):
 - ``"xla"``: reference einsum + softmax; logits and softmax in float32 whatever the
-  input dtype.
+  input dtype. Materialises the ``(B, heads, Lq, Lk)`` logits.
+- ``"blockwise"``: :mod:`vdiff.models.blockwise`, query and key/value tiles with an online
+  softmax and a recomputing backward pass: O(L) memory in training, any platform.
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash
   attention on NVIDIA GPUs; needs bfloat16/float16 inputs).
 - ``"ring"``: context parallelism (:mod:`vdiff.parallel.context`): the sequence stays
   sharded over the mesh axis of logical ``tokens`` and key/value blocks travel
   around a ring with an online softmax. Without such an axis (one device, or
-  ``context=1``) it computes the same thing with the local ``"xla"`` path.
-- ``"auto"``: ring when the active mesh splits ``tokens`` (``context > 1``); else
-  cudnn when on GPU with a dtype and head size it supports; else xla.
-- ``"splash"``: TPU splash attention, not implemented yet (raises).
+  ``context=1``) it computes the same thing on the device (as ``"auto"`` there).
+- ``"ulysses"``: context parallelism by all-to-all over heads (heads must divide by the
+  context size; a clear error otherwise); ``"ulysses_ring"``: all-to-all inside groups of
+  the context devices (the largest group size that divides the heads) and a ring across
+  the groups, for context meshes larger than the head count. Both are self-attention;
+  cross-attention on a context mesh takes the ring.
+- ``"auto"``: on a mesh that splits ``tokens`` (``context > 1``): Ulysses when the heads
+  divide by the context size, else ring (cross-attention: ring); else
+  cudnn when on GPU with a dtype and head size it supports; on TPU splash for key-padding
+  masks (blockwise for the cross-modal ablation's); else blockwise when the
+  sequence spans more than one tile (:data:`BLOCK`) and xla when it fits in one (the
+  same computation, without the loop).
+- ``"splash"``: TPU splash attention (:mod:`vdiff.models.splash`, Pallas), key padding
+  as segment ids; TPU only. Its correctness is checked on CPU in Pallas interpret mode;
+  the kernel has not been run on a TPU by vdiff's tests.
 
 A query row whose keys are all masked (e.g. an empty caption in a text-only
 attention) returns zeros instead of NaN on every backend: such rows are given one
@@ -27,14 +42,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdiff.parallel.context import check_qkv, context_axis, ring_attention
+from vdiff.models.blockwise import BLOCK, blockwise_attention
+from vdiff.models.splash import splash_attention
+from vdiff.models.token_mask import TokenMask
+from vdiff.parallel.context import (
+    check_qkv,
+    context_axis,
+    context_size,
+    ring_attention,
+    ulysses_attention,
+    ulysses_group,
+)
 
-BACKENDS = ("auto", "xla", "cudnn", "ring", "splash")
+BACKENDS = ("auto", "xla", "blockwise", "cudnn", "ring", "ulysses", "ulysses_ring", "splash")
+CONTEXT_BACKENDS = ("ring", "ulysses", "ulysses_ring")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def resolve_backend(backend: str, dtype, head_dim: int) -> str:
-    """Turns ``"auto"`` into a concrete backend and checks the explicit ones."""
+def resolve_backend(backend: str, dtype, head_dim: int, lengths=(0, 0), heads: int = 1) -> str:
+    """Turns ``"auto"`` into a concrete backend and checks the explicit ones (``lengths``:
+    the query and key lengths, for auto's blockwise-or-xla choice and Ulysses, which is
+    self-attention only; ``heads``: Ulysses needs them to divide by the context size)."""
     if backend not in BACKENDS:
         raise ValueError(f"model.attention={backend!r} is not one of {BACKENDS}")
     on_gpu = jax.default_backend() == "gpu"
@@ -43,12 +71,22 @@ def resolve_backend(backend: str, dtype, head_dim: int) -> str:
         and head_dim % 8 == 0
         and head_dim <= 128
     )
-    if backend in ("auto", "ring") and context_axis() is not None:
-        return "ring"
-    if backend == "ring":
-        return "xla"
+    axis = context_axis()
+    if axis is not None and (backend == "auto" or backend in CONTEXT_BACKENDS):
+        n = context_size(axis)
+        if backend == "ring" or lengths[0] != lengths[1]:
+            return "ring"  # cross-attention: the ring handles any Lq vs Lk
+        if backend == "auto":
+            return "ulysses" if heads % n == 0 else "ring"
+        return backend
+    if backend in CONTEXT_BACKENDS:  # no context axis: attention on this device
+        backend = "auto"
     if backend == "auto":
-        return "cudnn" if (on_gpu and cudnn_ok) else "xla"
+        if on_gpu and cudnn_ok:
+            return "cudnn"
+        if jax.default_backend() == "tpu":
+            return "splash"  # attention() takes blockwise where the mask needs it
+        return "blockwise" if max(lengths) > BLOCK else "xla"
     if backend == "cudnn":
         if not on_gpu:
             raise ValueError(
@@ -60,16 +98,19 @@ def resolve_backend(backend: str, dtype, head_dim: int) -> str:
                 f"(got {jnp.dtype(dtype).name}, head_dim={head_dim}); set train.compute_dtype=bfloat16 "
                 "or use model.attention='xla'"
             )
-    if backend == "splash":
-        raise NotImplementedError(
-            "model.attention='splash' (TPU splash attention) is not implemented yet; use 'auto' or 'xla'"
+    if backend == "splash" and jax.default_backend() != "tpu":
+        raise ValueError(
+            "model.attention='splash' is TPU splash attention; use 'auto' or 'blockwise' on "
+            f"this {jax.default_backend()} platform"
         )
     return backend
 
 
-def _as_4d_mask(mask: jax.Array | None, q: jax.Array, k: jax.Array) -> jax.Array | None:
+def _as_4d_mask(mask, q: jax.Array, k: jax.Array) -> jax.Array | None:
     if mask is None:
         return None
+    if isinstance(mask, TokenMask):
+        return mask.dense()
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise ValueError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
@@ -84,6 +125,23 @@ def _as_4d_mask(mask: jax.Array | None, q: jax.Array, k: jax.Array) -> jax.Array
             f"attention mask {mask.shape} does not fit Lq={q.shape[1]}, Lk={k.shape[1]}"
         )
     return mask
+
+
+def _as_token_mask(mask, q: jax.Array, k: jax.Array) -> TokenMask:
+    """A mask as ids for the blockwise path: TokenMask as is, key padding or None converted;
+    a dense mask cannot be (it is already the O(L^2) array blockwise exists to avoid)."""
+    if isinstance(mask, TokenMask):
+        return mask
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    if mask is None:
+        return TokenMask.key_padding(jnp.ones((b, lk), bool), lq)
+    mask = jnp.asarray(mask)
+    if mask.ndim == 2 and mask.dtype == jnp.bool_ and mask.shape == (b, lk):
+        return TokenMask.key_padding(mask, lq)
+    raise ValueError(
+        f"model.attention='blockwise' takes a TokenMask or (B, Lk) key padding, got a {mask.shape} "
+        "mask; build masks with vdiff.models.token_mask"
+    )
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -108,8 +166,9 @@ def attention(
         q: queries ``(B, Lq, heads, head_dim)``.
         k: keys ``(B, Lk, heads, head_dim)``.
         v: values ``(B, Lk, heads, head_dim)``.
-        mask: boolean, True where a query may attend to a key; ``(B, Lk)`` key
-            padding or 4-D broadcastable to ``(B, heads, Lq, Lk)``. None = all.
+        mask: a :class:`TokenMask`, or boolean (True where a query may attend to a key)
+            ``(B, Lk)`` key padding or 4-D broadcastable to ``(B, heads, Lq, Lk)``.
+            None = all.
         backend: one of :data:`BACKENDS` (see the module docstring).
         scale: logit scale; default ``head_dim ** -0.5``.
 
@@ -119,7 +178,25 @@ def attention(
     check_qkv(q, k, v)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
-    impl = resolve_backend(backend, q.dtype, head_dim)
+    impl = resolve_backend(backend, q.dtype, head_dim, (q.shape[1], k.shape[1]), q.shape[2])
+    if impl in ("ulysses", "ulysses_ring"):
+        n = context_size(context_axis())
+        group = n if impl == "ulysses" else ulysses_group(q.shape[2], n)
+        return ulysses_attention(q, k, v, _as_token_mask(mask, q, k), scale=scale, group=group)
+    if impl == "splash":
+        tm = None if mask is None else _as_token_mask(mask, q, k)
+        if tm is None or tm.same_rows:
+            return splash_attention(q, k, v, tm, scale=scale)
+        if backend == "splash":
+            raise ValueError(
+                "model.attention='splash' takes key-padding masks; the cross-modal ablation "
+                "(diffusion.p_no_cross_modal > 0, cross_modal=False) needs 'auto' or 'blockwise'"
+            )
+        impl = "blockwise"
+    if impl == "blockwise":
+        return blockwise_attention(
+            q, k, v, _as_token_mask(mask, q, k), scale=scale, block_q=BLOCK, block_k=BLOCK
+        )
     mask = _as_4d_mask(mask, q, k)
     if impl == "ring":  # handles masks, all-masked rows and padding itself
         return ring_attention(q, k, v, mask, scale=scale)

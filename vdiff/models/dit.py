@@ -76,6 +76,7 @@ from vdiff.models.rope import (
     video_token_times,
 )
 from vdiff.models.text_encoder import TextEncoder
+from vdiff.models.token_mask import TokenMask, stream_mask
 
 constrain = sharding.constrain
 STREAMS = ("video", "audio", "text")
@@ -465,29 +466,17 @@ class DiT(nnx.Module):
         """``video_times`` (B, T'/pt) of clips at frame rates ``fps`` (B,)."""
         return clip_token_times(fps, num_latent_frames, self.patch[0], self.temporal_down)
 
-    def _attention_mask(self, lengths, audio_mask, text_mask, cross_modal):
-        """Boolean ``(B, 1, L, L)`` mask over the [video, audio, text] token order."""
-        order = [s for s in STREAMS if s in lengths]
+    def _attention_mask(self, lengths, audio_mask, text_mask, cross_modal) -> TokenMask | None:
+        """Per-token ids of the [video, audio, text] sequence (O(L), see token_mask.py): text
+        padding and examples without audio are keys nobody reads; ``cross_modal`` False (or
+        False for an example) forbids the audio<->video pairs and text reading either."""
         b = text_mask.shape[0]
-        valid = {"video": jnp.ones((b, lengths["video"]), bool)}
+        valid = {}
         if "audio" in lengths:
             valid["audio"] = jnp.broadcast_to(audio_mask[:, None], (b, lengths["audio"]))
         if "text" in lengths:
             valid["text"] = text_mask
-        key_valid = jnp.concatenate([valid[s] for s in order], axis=1)
-        mask = key_valid[:, None, None, :]
-        if "audio" not in lengths or cross_modal is True:
-            return mask
-        group = np.concatenate([np.full(lengths[s], STREAMS.index(s)) for s in order])
-        v, a, t = (group == i for i in range(3))
-        separate = jnp.asarray(
-            ~(np.outer(v, a) | np.outer(a, v) | np.outer(t, v) | np.outer(t, a))
-        )[None, None]
-        if cross_modal is False:
-            return mask & separate
-        # Per example: True keeps the joint attention, False masks cross-modal pairs.
-        joint = jnp.asarray(cross_modal, bool).reshape(b, 1, 1, 1)
-        return mask & (joint | separate)
+        return stream_mask(lengths, valid, cross_modal, b)
 
     def _run_blocks(self, xs, c_acts, angles, mask, text_ctx):
         """Runs the stacked blocks: ``lax.scan`` over the layer axis or an unrolled loop.

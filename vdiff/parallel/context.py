@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vdiff.models.token_mask import TokenMask
 from vdiff.parallel import sharding as shd
 
 TOKENS = "tokens"
@@ -128,31 +129,49 @@ def _merge_block(carry, qf, k, v, block_mask):
 _merge_block_remat = jax.checkpoint(_merge_block)
 
 
-def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
-    """Per-device ring loop: ``q (B, lq, H, D)``, ``k/v (B, lk, H, D)`` local blocks.
-
-    ``mask`` is ``(B, H|1, lq|1, n * lk)``: this device's query rows, all key columns.
-    """
+def _ring_loop(q, k, v, block_mask, *, axis, perm, steps: int, scale: float):
+    """Online softmax over ``steps`` K/V blocks passed along ``perm``; ``block_mask(step)`` is
+    the mask of the block this device holds at that step. ``q (B, lq, H, D)`` stays put."""
     b, lq, h, _ = q.shape
-    lk = k.shape[1]
-    me = jax.lax.axis_index(axis)
-    perm = [(i, (i + 1) % n) for i in range(n)]
     qf = q.astype(jnp.float32) * scale
     carry = (
         jnp.full((b, h, lq), -jnp.inf, jnp.float32),  # running max
         jnp.zeros((b, h, lq), jnp.float32),  # running normaliser
         jnp.zeros((b, h, lq, v.shape[-1]), jnp.float32),  # running weighted sum of values
     )
-    for step in range(n):
-        src = (me - step) % n  # the device whose key/value block we hold now
-        block_mask = jax.lax.dynamic_slice_in_dim(mask, src * lk, lk, axis=3)
-        carry = _merge_block_remat(carry, qf, k, v, block_mask)
-        if step < n - 1:
+    for step in range(steps):
+        carry = _merge_block_remat(carry, qf, k, v, block_mask(step))
+        if step < steps - 1:
             k, v = (jax.lax.ppermute(t, axis, perm) for t in (k, v))
     _, l_sum, acc = carry
     valid = l_sum > 0
     out = jnp.where(valid[..., None], acc / jnp.where(valid, l_sum, 1.0)[..., None], 0.0)
     return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
+
+
+def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
+    """Per-device ring loop: ``q (B, lq, H, D)``, ``k/v (B, lk, H, D)`` local blocks.
+
+    ``mask`` is ``(B, H|1, lq|1, n * lk)``: this device's query rows, all key columns.
+    """
+    lk = k.shape[1]
+    me = jax.lax.axis_index(axis)
+
+    def block_mask(step):  # the device whose key/value block we hold now: me - step
+        return jax.lax.dynamic_slice_in_dim(mask, ((me - step) % n) * lk, lk, axis=3)
+
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return _ring_loop(q, k, v, block_mask, axis=axis, perm=perm, steps=n, scale=scale)
+
+
+def _require_axis(axis, what: str):
+    """``axis``, or the active mesh's context axis; raises without one."""
+    axis = context_axis() if axis is None else axis
+    if axis is None:
+        raise ValueError(
+            f"{what} attention needs an active mesh whose `tokens` axis (mesh.rules) has size > 1"
+        )
+    return axis
 
 
 def check_qkv(q, k, v) -> None:
@@ -188,11 +207,7 @@ def ring_attention(
         ``(B, Lq, heads, head_dim)`` in the dtype of ``v``; rows with no valid key are 0.
     """
     check_qkv(q, k, v)
-    axis = context_axis() if axis is None else axis
-    if axis is None:
-        raise ValueError(
-            "ring attention needs an active mesh whose `tokens` axis (mesh.rules) has size > 1"
-        )
+    axis = _require_axis(axis, "ring")
     n = context_size(axis)
     b, lq, _, hd = q.shape
     lk = k.shape[1]
@@ -215,3 +230,108 @@ def ring_attention(
         q, k, v, mask
     )
     return out[:, :lq]
+
+
+def ulysses_group(heads: int, n: int) -> int:
+    """Devices per all-to-all in the Ulysses x ring layout: the largest divisor of the
+    context size ``n`` that divides the heads (``n``: pure Ulysses; 1: a plain ring)."""
+    return max(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0)
+
+
+def ulysses_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: TokenMask | None = None,
+    *,
+    axis: str | tuple[str, ...] | None = None,
+    scale: float | None = None,
+    group: int | None = None,
+) -> jax.Array:
+    """Attention with the sequence sharded over ``axis``, by all-to-all over heads (Ulysses).
+
+    Each device starts with ``L/n`` tokens of every head; an all-to-all inside each group of
+    ``group`` consecutive devices swaps that for ``group * L/n`` tokens of ``H/group`` heads,
+    attention runs there, and a second all-to-all swaps back. With ``group = n`` (pure
+    Ulysses, the default) each device then holds the whole sequence for its heads and
+    attends locally (blockwise: O(L) memory). With ``group < n`` the ``n / group`` groups
+    form a ring over their sequence segments (Ulysses x ring): each device passes its
+    key/value segment to the same head slice of the next group, merging with the online
+    softmax, so heads need only divide ``group``.
+
+    Args:
+        q, k, v: ``(B, L, heads, head_dim)`` (self-attention: the same length).
+        mask: a :class:`~vdiff.models.token_mask.TokenMask` or None; its ids are O(L) and
+            every device keeps all of them, building each block's mask from them.
+        axis: mesh axis name(s) of the context; default :func:`context_axis`.
+        scale: logit scale; default ``head_dim ** -0.5``.
+        group: devices per all-to-all; default the context size.
+
+    Raises:
+        ValueError: if the heads do not divide by ``group``, or ``group`` does not divide
+            the context size.
+    """
+    check_qkv(q, k, v)
+    axis = _require_axis(axis, "Ulysses")
+    n = context_size(axis)
+    b, length, heads, hd = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"Ulysses attention is self-attention; got Lq={length}, Lk={k.shape[1]}")
+    group = n if group is None else group
+    if n % group or heads % group:
+        raise ValueError(
+            f"Ulysses context parallelism splits {heads} heads over {group} of the {n} context "
+            "devices: the heads must divide by it and it must divide the context size; use "
+            "model.attention='ring' or 'ulysses_ring' (which picks a group that divides)"
+        )
+    rings = n // group
+    scale = hd**-0.5 if scale is None else scale
+    padded = -(-length // n) * n
+    if mask is None:
+        mask = TokenMask.key_padding(jnp.ones((b, length), bool), length)
+    mask = mask.pad(padded, padded)
+    q, k, v = (_pad_to(t, 1, padded) for t in (q, k, v))
+    groups = None if group == n else [[g * group + j for j in range(group)] for g in range(rings)]
+    seg = padded // rings  # tokens per group after the all-to-all
+
+    def body(q, k, v, mask):
+        def to_heads(t):  # (B, L/n, H, D) -> (B, L*group/n, H/group, D)
+            return jax.lax.all_to_all(
+                t, axis, split_axis=2, concat_axis=1, tiled=True, axis_index_groups=groups
+            )
+
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+        if rings == 1:
+            out = local_attention(q, k, v, mask, scale)
+        else:
+            me = jax.lax.axis_index(axis)
+            g = me // group
+            q_ids = jax.lax.dynamic_slice_in_dim(mask.q_groups, g * seg, seg, axis=1)
+
+            def block_mask(step):  # the K/V segment of group g - step
+                src = (g - step) % rings
+                k_ids = jax.lax.dynamic_slice_in_dim(mask.k_groups, src * seg, seg, axis=1)
+                return mask.block(q_ids, k_ids)[:, None]
+
+            perm = [(i, ((i // group + 1) % rings) * group + i % group) for i in range(n)]
+            out = _ring_loop(q, k, v, block_mask, axis=axis, perm=perm, steps=rings, scale=scale)
+        return jax.lax.all_to_all(
+            out, axis, split_axis=1, concat_axis=2, tiled=True, axis_index_groups=groups
+        )
+
+    seq = P(None, axis, None, None)
+    ids = jax.tree.map(lambda _: P(), mask)
+    axes = {axis} if isinstance(axis, str) else set(axis)
+    out = jax.shard_map(body, in_specs=(seq, seq, seq, ids), out_specs=seq, axis_names=axes)(
+        q, k, v, mask
+    )
+    return out[:, :length]
+
+
+def local_attention(q, k, v, mask: TokenMask, scale: float) -> jax.Array:
+    """Attention on one device with a TokenMask: blockwise past one tile, else the einsum."""
+    from vdiff.models.attention import attention  # it imports this module
+    from vdiff.models.blockwise import BLOCK
+
+    backend = "blockwise" if max(q.shape[1], k.shape[1]) > BLOCK else "xla"
+    return attention(q, k, v, mask, backend=backend, scale=scale)
