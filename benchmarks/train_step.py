@@ -16,6 +16,11 @@ compiled step's ``memory_analysis()``.
     python benchmarks/train_step.py --configs dit_b dit_l  # on a GPU
     python benchmarks/train_step.py --configs dit_s:128    # its three 128-pixel buckets
 
+``--caption-embeddings D`` trains on a pretrained encoder's cached embeddings of width
+``D`` (as ``text.encoder="t5"`` does) instead of token ids through the internal text
+encoder: the transformer alone, as the PyTorch reference
+(``benchmarks/torch_reference_step.py``) takes its text.
+
 On CPU, ``dit_s`` is shrunk to 8 frames at 64 pixels (``dit_s:128``'s buckets to half
 size) and batch 4 (``--cpu-shrink``, on by default there) so the run takes minutes; the shapes used are printed and saved. Writes
 ``train_step_<platform>.json`` under ``--out`` and prints a table.
@@ -101,11 +106,19 @@ def shapes(cfg, bucket) -> dict:
 
 
 def synthetic_batch(cfg, shp: dict, b: int) -> dict:
+    from vdiff.models.t5 import pretrained_width
+
     rng = np.random.default_rng(0)
+    length = cfg.text.max_len
+    width = pretrained_width(cfg.text)
+    if width is None:  # the internal encoder reads token ids
+        caption = {"tokens": rng.integers(4, cfg.data.vocab_size, (b, length)).astype(np.int32)}
+    else:  # a pretrained encoder's cached embeddings (bfloat16, as the latent records hold)
+        caption = {"text": rng.standard_normal((b, length, width)).astype(jnp.bfloat16)}
     batch = {
         "video_latents": rng.standard_normal((b, *shp["video_latents"])).astype(np.float32),
-        "tokens": rng.integers(4, cfg.data.vocab_size, (b, cfg.text.max_len)).astype(np.int32),
-        "mask": np.arange(cfg.text.max_len)[None] < rng.integers(4, 33, (b, 1)),
+        **caption,
+        "mask": np.arange(length)[None] < rng.integers(4, 33, (b, 1)),
         "fps": np.full((b,), cfg.data.fps, np.float32),  # each clip's frame rate, as in training
     }
     if shp["audio_latents"]:
@@ -114,15 +127,30 @@ def synthetic_batch(cfg, shp: dict, b: int) -> dict:
     return batch
 
 
+def caption_embeddings(width: int, folder: Path) -> dict:
+    """Overrides that train on a pretrained encoder's cached embeddings of ``width``: the
+    train step needs only the encoder's config.json (it never runs the encoder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"model_type": "t5", "vocab_size": 32128, "d_model": width, "d_kv": 64, "d_ff": 4 * width,
+            "num_layers": 1, "num_heads": max(1, width // 64), "feed_forward_proj": "gated-gelu"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(spec))
+    return {"text.encoder": "t5", "text.path": str(folder)}
+
+
 def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> list[dict]:
     from vdiff.config import load_config
     from vdiff.models.flops import train_flops_per_example
+    from vdiff.models.t5 import pretrained_width
     from vdiff.parallel.mesh import make_mesh
     from vdiff.train.stages import dit_engine, stage_batches
 
     cfg = load_config(name, [f"{k}={v}" for k, v in overrides.items()])
     mesh = make_mesh(cfg)
-    engine = dit_engine(cfg, mesh)
+    width = pretrained_width(cfg.text)
+    empty = None
+    if width is not None:  # the empty caption: its end token's embedding (random here)
+        empty = (np.zeros((cfg.text.max_len, width), jnp.bfloat16), np.arange(cfg.text.max_len) < 1)
+    engine = dit_engine(cfg, mesh, empty_caption=empty)
     sizes = stage_batches(cfg, engine, cfg.train.batch_size, tuple(cfg.data.bucket_batch))
     state = engine.init(0)
     dtype = jnp.dtype(cfg.train.compute_dtype)
@@ -192,6 +220,13 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", default=[], help="extra KEY=VALUE overrides for every config"
     )
+    parser.add_argument(
+        "--caption-embeddings",
+        type=int,
+        default=0,
+        help="train on cached caption embeddings of this width (text.encoder=t5) instead of "
+        "token ids through the internal text encoder",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -199,6 +234,9 @@ def main() -> None:
     for name in args.configs:
         overrides = dict(CPU_SHRINK.get(name, {})) if args.cpu_shrink else {}
         overrides.update(kv.split("=", 1) for kv in args.set)
+        if args.caption_embeddings:
+            folder = Path(args.out) / "caption_encoder_config"
+            overrides.update(caption_embeddings(args.caption_embeddings, folder))
         print(f"{name}: {overrides or 'config as is'} ...", flush=True)
         rows.extend(bench(name, overrides, args.steps, args.warmup, args.peak_n))
     info = machine()
