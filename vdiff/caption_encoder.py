@@ -130,29 +130,20 @@ class CaptionEncoder:
     def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Token ids and mask ``(N, L)`` -> bfloat16 embeddings ``(N, L, width)`` (numpy)."""
         ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
-        n = len(ids)
+        if not len(ids):
+            return np.zeros((0, ids.shape[1], self.width), EMBEDDING_DTYPE)
         out = []
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
-            for start in range(0, max(n, 1), self.batch):
+            for start in range(0, len(ids), self.batch):
                 i, m = ids[start : start + self.batch], mask[start : start + self.batch]
                 k = len(i)
                 if k < self.batch:  # one compiled shape: pad with copies of the last row
-                    reps = self.batch - k
-                    i = (
-                        np.concatenate([i, np.repeat(i[-1:], reps, 0)])
-                        if k
-                        else np.zeros((self.batch, ids.shape[1]), np.int32)
-                    )
-                    m = (
-                        np.concatenate([m, np.repeat(m[-1:], reps, 0)])
-                        if k
-                        else np.ones((self.batch, ids.shape[1]), bool)
-                    )
+                    i = np.concatenate([i, np.repeat(i[-1:], self.batch - k, 0)])
+                    m = np.concatenate([m, np.repeat(m[-1:], self.batch - k, 0)])
                 put = lambda a: jax.device_put(a, self._in_sharding)  # noqa: E731
                 emb = _embed(self.graphdef, self.state, put(i), put(m))
                 out.append(np.asarray(jax.device_get(emb))[:k])
-        emb = np.concatenate(out) if out else np.zeros((0, ids.shape[1], self.width))
-        return emb.astype(EMBEDDING_DTYPE)
+        return np.concatenate(out).astype(EMBEDDING_DTYPE)
 
     def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> ``(embeddings, mask)``; ids from the folder's ``spiece.model``."""
