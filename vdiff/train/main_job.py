@@ -49,6 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, report: bool = True
         if stage == "vae":
             trained.vae, summaries["vae"] = stages.train_video_vae(config, workdir, mesh, data)
         elif stage == "audio_ae":
+            if not config.data.audio:  # no sound in the batches: nothing to train
+                log.info("audio_ae: skipped (data.audio=False)")
+                continue
             trained.audio_ae, summaries["audio_ae"] = stages.train_audio_ae(
                 config, workdir, mesh, data
             )
