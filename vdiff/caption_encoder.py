@@ -49,8 +49,11 @@ def local_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def load_tokenizer(folder: Path, vocab_size: int) -> PretrainedTokenizer:
-    """The folder's ``spiece.model``, checked against the encoder's embedding rows."""
+def load_tokenizer(folder: Path, vocab_size: int | None = None) -> PretrainedTokenizer:
+    """The folder's ``spiece.model``, checked against the encoder's embedding rows
+    (``vocab_size``; default: read from the folder's ``config.json``)."""
+    if vocab_size is None:
+        vocab_size = T5Spec.from_config_json(Path(folder) / CONFIG).vocab_size
     path = Path(folder) / SPIECE
     if not path.is_file():
         raise UserError(
@@ -114,6 +117,7 @@ class CaptionEncoder:
         self.batch = self.batch_size
         spec = PartitionSpec("fsdp" if self.batch % fsdp == 0 else None, None)
         self._in_sharding = NamedSharding(self.mesh, spec)
+        self._empty = None
 
     @classmethod
     def from_config(cls, config, mesh=None) -> CaptionEncoder:
@@ -152,9 +156,12 @@ class CaptionEncoder:
 
     def empty(self) -> tuple[np.ndarray, np.ndarray]:
         """The empty caption's ``(embedding (L, width), mask (L,))``: the unconditional input
-        of classifier-free guidance (its end token is a real token)."""
-        emb, mask = self.encode([""])
-        return emb[0], mask[0]
+        of classifier-free guidance (its end token is a real token). Encoded on first use;
+        every guided sampling call reads it."""
+        if self._empty is None:
+            emb, mask = self.encode([""])
+            self._empty = emb[0], mask[0]
+        return self._empty
 
     def param_bytes_per_device(self) -> dict:
         """Parameter bytes each device holds: ``{device id: bytes}``."""

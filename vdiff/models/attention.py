@@ -42,7 +42,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdiff.models.blockwise import BLOCK, blockwise_attention
+from vdiff.models.blockwise import BLOCK, blockwise_attention, local_backend
 from vdiff.models.splash import splash_attention
 from vdiff.models.token_mask import TokenMask
 from vdiff.parallel.context import (
@@ -86,7 +86,7 @@ def resolve_backend(backend: str, dtype, head_dim: int, lengths=(0, 0), heads: i
             return "cudnn"
         if jax.default_backend() == "tpu":
             return "splash"  # attention() takes blockwise where the mask needs it
-        return "blockwise" if max(lengths) > BLOCK else "xla"
+        return local_backend(*lengths)
     if backend == "cudnn":
         if not on_gpu:
             raise ValueError(
@@ -185,14 +185,9 @@ def attention(
         return ulysses_attention(q, k, v, _as_token_mask(mask, q, k), scale=scale, group=group)
     if impl == "splash":
         tm = None if mask is None else _as_token_mask(mask, q, k)
-        if tm is None or tm.same_rows:
+        if backend == "splash" or tm is None or tm.same_rows:  # splash refuses other masks
             return splash_attention(q, k, v, tm, scale=scale)
-        if backend == "splash":
-            raise ValueError(
-                "model.attention='splash' takes key-padding masks; the cross-modal ablation "
-                "(diffusion.p_no_cross_modal > 0, cross_modal=False) needs 'auto' or 'blockwise'"
-            )
-        impl = "blockwise"
+        impl = "blockwise"  # "auto": the masks splash cannot express
     if impl == "blockwise":
         return blockwise_attention(
             q, k, v, _as_token_mask(mask, q, k), scale=scale, block_q=BLOCK, block_k=BLOCK

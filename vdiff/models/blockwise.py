@@ -28,6 +28,45 @@ _NEG = -jnp.inf
 BLOCK = 512  # default tile (queries and keys): 512 x 512 float32 logits per head, 1 MiB
 
 
+def local_backend(lq: int, lk: int) -> str:
+    """Attention on one device: blockwise once a sequence spans more than one tile, the
+    einsum ("xla") below that (the same computation without the loop)."""
+    return "blockwise" if max(lq, lk) > BLOCK else "xla"
+
+
+def softmax_carry(b: int, h: int, lq: int, d: int):
+    """The online softmax's start: running max, normaliser and weighted sum of values."""
+    return (
+        jnp.full((b, h, lq), _NEG, jnp.float32),
+        jnp.zeros((b, h, lq), jnp.float32),
+        jnp.zeros((b, h, lq, d), jnp.float32),
+    )
+
+
+def merge_block(carry, qf, k, v, block_mask):
+    """Online-softmax update of ``(max, normaliser, weighted sum)`` with one K/V block:
+    ``qf (B, lq, H, D)`` float32 queries (scaled), ``k``, ``v (B, lk, H, D)``, ``block_mask``
+    broadcastable to ``(B, H, lq, lk)``. Shared with ring attention."""
+    m, l_sum, acc = carry
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, k.astype(jnp.float32))
+    logits = jnp.where(block_mask, logits, _NEG)
+    # The softmax is invariant to the shift, so the max carries no gradient; a row with
+    # nothing valid so far keeps shift 0 (exp(-inf - 0) = 0, no NaN).
+    new_m = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
+    safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    p = jnp.exp(logits - safe_m[..., None])
+    correction = jnp.exp(m - safe_m)
+    l_sum = l_sum * correction + jnp.sum(p, axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32))
+    return new_m, l_sum, acc
+
+
+def normalised(l_sum: jax.Array, acc: jax.Array) -> jax.Array:
+    """``acc / l_sum`` ``(B, H, lq, D)``; 0 for a row that saw no valid key."""
+    valid = l_sum > 0
+    return jnp.where(valid[..., None], acc / jnp.where(valid, l_sum, 1.0)[..., None], 0.0)
+
+
 def _blocks(x: jax.Array, size: int) -> jax.Array:
     """``(B, L, ...)`` with ``L`` a multiple of ``size`` -> ``(L/size, B, size, ...)``."""
     b, n = x.shape[:2]
@@ -50,26 +89,12 @@ def _forward(q, k, v, mask: TokenMask, scale, block_q, block_k):
         b, bq, h, d = qi.shape
 
         def step(carry, kv):
-            m, l_sum, acc = carry
             kj, vj, kgj = kv
-            s = jnp.einsum("bqhd,bkhd->bhqk", qf, kj.astype(jnp.float32))
-            s = jnp.where(mask.block(qgi, kgj)[:, None], s, _NEG)
-            new_m = jnp.maximum(m, jnp.max(s, axis=-1))
-            safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-            p = jnp.exp(s - safe_m[..., None])
-            corr = jnp.exp(m - safe_m)
-            l_sum = l_sum * corr + jnp.sum(p, axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vj.astype(jnp.float32))
-            return (new_m, l_sum, acc), None
+            return merge_block(carry, qf, kj, vj, mask.block(qgi, kgj)[:, None]), None
 
-        init = (
-            jnp.full((b, h, bq), _NEG, jnp.float32),
-            jnp.zeros((b, h, bq), jnp.float32),
-            jnp.zeros((b, h, bq, d), jnp.float32),
-        )
-        (m, l_sum, acc), _ = jax.lax.scan(step, init, (kb, vb, kgb))
+        (m, l_sum, acc), _ = jax.lax.scan(step, softmax_carry(b, h, bq, d), (kb, vb, kgb))
+        out = normalised(l_sum, acc)
         valid = l_sum > 0
-        out = jnp.where(valid[..., None], acc / jnp.where(valid, l_sum, 1.0)[..., None], 0.0)
         # +inf for a row with no valid key: exp(s - lse) = 0 in the backward pass.
         lse = jnp.where(valid, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_sum), jnp.inf)
         return jnp.transpose(out, (0, 2, 1, 3)), lse

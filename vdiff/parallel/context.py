@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vdiff.models.blockwise import local_backend, merge_block, normalised, softmax_carry
 from vdiff.models.token_mask import TokenMask
 from vdiff.parallel import sharding as shd
 
@@ -108,25 +109,9 @@ def _full_mask(mask, b: int, lq: int, lk: int) -> jax.Array:
     return jnp.broadcast_to(mask, (b, *mask.shape[1:]))
 
 
-def _merge_block(carry, qf, k, v, block_mask):
-    """Online-softmax update of ``(max, normaliser, weighted sum)`` with one K/V block."""
-    m, l_sum, acc = carry
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, k.astype(jnp.float32))
-    logits = jnp.where(block_mask, logits, -jnp.inf)
-    # The softmax is invariant to the shift, so the max carries no gradient; a row with
-    # nothing valid so far keeps shift 0 (exp(-inf - 0) = 0, no NaN).
-    new_m = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
-    safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-    p = jnp.exp(logits - safe_m[..., None])
-    correction = jnp.exp(m - safe_m)
-    l_sum = l_sum * correction + jnp.sum(p, axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32))
-    return new_m, l_sum, acc
-
-
 # Recomputed in the backward pass: training keeps one block's logits alive at a time
 # (O((L/n)^2) per device) instead of all n blocks' (O(L^2/n)).
-_merge_block_remat = jax.checkpoint(_merge_block)
+_merge_block_remat = jax.checkpoint(merge_block)
 
 
 def _ring_loop(q, k, v, block_mask, *, axis, perm, steps: int, scale: float):
@@ -134,19 +119,13 @@ def _ring_loop(q, k, v, block_mask, *, axis, perm, steps: int, scale: float):
     the mask of the block this device holds at that step. ``q (B, lq, H, D)`` stays put."""
     b, lq, h, _ = q.shape
     qf = q.astype(jnp.float32) * scale
-    carry = (
-        jnp.full((b, h, lq), -jnp.inf, jnp.float32),  # running max
-        jnp.zeros((b, h, lq), jnp.float32),  # running normaliser
-        jnp.zeros((b, h, lq, v.shape[-1]), jnp.float32),  # running weighted sum of values
-    )
+    carry = softmax_carry(b, h, lq, v.shape[-1])
     for step in range(steps):
         carry = _merge_block_remat(carry, qf, k, v, block_mask(step))
         if step < steps - 1:
             k, v = (jax.lax.ppermute(t, axis, perm) for t in (k, v))
     _, l_sum, acc = carry
-    valid = l_sum > 0
-    out = jnp.where(valid[..., None], acc / jnp.where(valid, l_sum, 1.0)[..., None], 0.0)
-    return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
+    return jnp.transpose(normalised(l_sum, acc), (0, 2, 1, 3)).astype(v.dtype)
 
 
 def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
@@ -331,7 +310,6 @@ def ulysses_attention(
 def local_attention(q, k, v, mask: TokenMask, scale: float) -> jax.Array:
     """Attention on one device with a TokenMask: blockwise past one tile, else the einsum."""
     from vdiff.models.attention import attention  # it imports this module
-    from vdiff.models.blockwise import BLOCK
 
-    backend = "blockwise" if max(q.shape[1], k.shape[1]) > BLOCK else "xla"
+    backend = local_backend(q.shape[1], k.shape[1])
     return attention(q, k, v, mask, backend=backend, scale=scale)

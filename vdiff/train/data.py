@@ -58,8 +58,6 @@ from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vdiff.caption_encoder import SPIECE, load_tokenizer
 from vdiff.errors import UserError
 from vdiff.manifest import atomic_write_text, file_sha256
-from vdiff.models.t5 import T5Spec
-from vdiff.models.t5_weights import CONFIG as T5_CONFIG
 from vdiff.train.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -484,8 +482,7 @@ def caption_tokenizer(config, root: Path, records: Path):
     split's captions on first use."""
     if config.text.encoder != "internal":
         folder = Path(config.text.path)
-        spec = T5Spec.from_config_json(folder / T5_CONFIG)
-        return folder / SPIECE, load_tokenizer(folder, spec.vocab_size)
+        return folder / SPIECE, load_tokenizer(folder)
     tok_path = root / "tokenizer.model"
     if not tok_path.exists():
 
