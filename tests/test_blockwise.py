@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vdiff.models import blockwise
 from vdiff.models.attention import attention, resolve_backend
 from vdiff.models.blockwise import blockwise_attention
 from vdiff.models.token_mask import TokenMask, stream_mask
@@ -57,10 +58,30 @@ def _assert_same(ref, fn, qkv, w, *, atol, grad_atol):
 
 
 @pytest.mark.parametrize("blocks", [dict(block_q=16, block_k=8), dict(block_q=64, block_k=64)])
-def test_forward_and_gradients_match_the_reference(blocks):
+@pytest.mark.parametrize("group", [(4, 2), (2, 2), (1, 1)])
+def test_forward_and_gradients_match_the_reference(blocks, group, monkeypatch):
+    """Also in groups of (examples, heads): the tiles of 4 x 2 at once, or looped."""
+    tile = 4 * blocks["block_q"] * blocks["block_k"]
+    monkeypatch.setattr(blockwise, "GROUP_TILE_BYTES", group[0] * group[1] * tile)
+    assert blockwise._split(B, H, blocks["block_q"], blocks["block_k"]) == group
     q, k, v, w = _qkv()
     mask = _stream_mask()
     ref, blk = _both(mask, **blocks)
+    _assert_same(ref, blk, (q, k, v), w, atol=2e-6, grad_atol=5e-6)
+
+
+@pytest.mark.parametrize("lengths", [(64, 64), (57, 45)])
+def test_no_mask_matches_the_reference(lengths, monkeypatch):
+    """``mask=None`` (nothing masked: no per-tile masking), with and without padded tails."""
+    monkeypatch.setattr(blockwise, "GROUP_TILE_BYTES", 4 * 16 * 16 * 2)  # (1, 2) a group
+    q, k, v, w = _qkv(seed=6, lq=lengths[0], lk=lengths[1])
+
+    def ref(q, k, v):
+        return attention(q, k, v, None, backend="xla", scale=D**-0.5)
+
+    def blk(q, k, v):
+        return blockwise_attention(q, k, v, None, scale=D**-0.5, block_q=16, block_k=16)
+
     _assert_same(ref, blk, (q, k, v), w, atol=2e-6, grad_atol=5e-6)
 
 

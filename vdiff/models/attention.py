@@ -189,9 +189,8 @@ def attention(
             return splash_attention(q, k, v, tm, scale=scale)
         impl = "blockwise"  # "auto": the masks splash cannot express
     if impl == "blockwise":
-        return blockwise_attention(
-            q, k, v, _as_token_mask(mask, q, k), scale=scale, block_q=BLOCK, block_k=BLOCK
-        )
+        tm = None if mask is None else _as_token_mask(mask, q, k)  # None: no per-tile masking
+        return blockwise_attention(q, k, v, tm, scale=scale, block_q=BLOCK, block_k=BLOCK)
     mask = _as_4d_mask(mask, q, k)
     if impl == "ring":  # handles masks, all-masked rows and padding itself
         return ring_attention(q, k, v, mask, scale=scale)

@@ -54,18 +54,13 @@ from vdiff.parallel import sharding as shd
 TOKENS = "tokens"
 
 
-def _active_mesh():
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty else mesh
-
-
 def context_axis() -> str | tuple[str, ...] | None:
     """The mesh axis (or axes) of logical ``tokens`` when it splits the sequence.
 
     Returns None without an active mesh and rules, or when ``tokens`` maps to no
     mesh axis of size > 1 (then attention runs unsharded along the sequence).
     """
-    mesh, rules = _active_mesh(), shd.current_rules()
+    mesh, rules = shd.active_mesh(), shd.current_rules()
     if mesh is None or rules is None:
         return None
     target = shd.logical_to_mesh((TOKENS,), rules)[0]
@@ -79,7 +74,7 @@ def context_axis() -> str | tuple[str, ...] | None:
 
 
 def context_size(axis: str | tuple[str, ...]) -> int:
-    mesh = _active_mesh()
+    mesh = shd.active_mesh()
     axes = (axis,) if isinstance(axis, str) else axis
     return math.prod(mesh.shape[a] for a in axes)
 
@@ -118,14 +113,18 @@ def _ring_loop(q, k, v, block_mask, *, axis, perm, steps: int, scale: float):
     """Online softmax over ``steps`` K/V blocks passed along ``perm``; ``block_mask(step)`` is
     the mask of the block this device holds at that step. ``q (B, lq, H, D)`` stays put."""
     b, lq, h, _ = q.shape
-    qf = q.astype(jnp.float32) * scale
+    dtype = v.dtype
+    # Head-major (B, H, L, D) for the loop: merge_block's products are then batched matrix
+    # products with no per-step transposes.
+    qf = jnp.swapaxes(q.astype(jnp.float32) * scale, 1, 2)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     carry = softmax_carry(b, h, lq, v.shape[-1])
     for step in range(steps):
         carry = _merge_block_remat(carry, qf, k, v, block_mask(step))
         if step < steps - 1:
             k, v = (jax.lax.ppermute(t, axis, perm) for t in (k, v))
     _, l_sum, acc = carry
-    return jnp.transpose(normalised(l_sum, acc), (0, 2, 1, 3)).astype(v.dtype)
+    return jnp.swapaxes(normalised(l_sum, acc), 1, 2).astype(dtype)
 
 
 def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):

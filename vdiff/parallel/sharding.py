@@ -76,7 +76,8 @@ def logical_to_mesh(
     return PartitionSpec(*out)
 
 
-def _active_mesh():
+def active_mesh():
+    """The mesh set for the current trace (``jax.set_mesh``), or None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return None
@@ -86,7 +87,7 @@ def _active_mesh():
 def constrain(x: jax.Array, logical: LogicalAxes) -> jax.Array:
     """Constrains an activation's sharding by logical names (no-op without mesh/rules)."""
     rules = current_rules()
-    if rules is None or _active_mesh() is None:
+    if rules is None or active_mesh() is None:
         return x
     if len(logical) != x.ndim:
         raise ValueError(f"constrain: {len(logical)} logical axes for an array of rank {x.ndim}")
