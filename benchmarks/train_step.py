@@ -137,9 +137,9 @@ def caption_embeddings(width: int, folder: Path) -> dict:
     return {"text.encoder": "t5", "text.path": str(folder)}
 
 
-def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> list[dict]:
+def make_engine(name: str, overrides: dict):
+    """``(cfg, mesh, engine, batch sizes per bucket)`` of the DiT train step of a config."""
     from vdiff.config import load_config
-    from vdiff.models.flops import train_flops_per_example
     from vdiff.models.t5 import pretrained_width
     from vdiff.parallel.mesh import make_mesh
     from vdiff.train.stages import dit_engine, stage_batches
@@ -152,6 +152,13 @@ def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> l
         empty = (np.zeros((cfg.text.max_len, width), jnp.bfloat16), np.arange(cfg.text.max_len) < 1)
     engine = dit_engine(cfg, mesh, empty_caption=empty)
     sizes = stage_batches(cfg, engine, cfg.train.batch_size, tuple(cfg.data.bucket_batch))
+    return cfg, mesh, engine, sizes
+
+
+def bench(name: str, overrides: dict, steps: int, warmup: int, peak_n: int) -> list[dict]:
+    from vdiff.models.flops import train_flops_per_example
+
+    cfg, mesh, engine, sizes = make_engine(name, overrides)
     state = engine.init(0)
     dtype = jnp.dtype(cfg.train.compute_dtype)
     peak = matmul_peak(dtype, peak_n) * jax.device_count()

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vdiff.models import blockwise
-from vdiff.models.attention import attention, resolve_backend
+from vdiff.models.attention import attention, fused_attention, resolve_backend
 from vdiff.models.blockwise import blockwise_attention
 from vdiff.models.token_mask import TokenMask, stream_mask
 
@@ -113,6 +113,44 @@ def test_cross_attention_lengths_and_key_padding():
     out = attention(q, k, v, valid, backend="blockwise")
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
     np.testing.assert_array_equal(out[2], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "bool_padding", "streams", "none"])
+def test_fused_attention_takes_key_lengths_for_key_padding(kind, monkeypatch):
+    """The cuDNN path's mask handling, run through dot_product_attention's xla
+    implementation: key padding with holes (audio keys of a silent clip sit mid-sequence)
+    becomes valid-keys-first + key_value_seq_lengths; an example with no valid key is 0."""
+    q, k, v, w = _qkv(seed=7)
+    rng = np.random.default_rng(8)
+    valid = jnp.asarray(rng.random((B, L)) < 0.5).at[2].set(False).at[0].set(True)
+    mask = {
+        "key_padding": TokenMask.key_padding(valid, L),
+        "bool_padding": valid,
+        "streams": _stream_mask(),
+        "none": None,
+    }[kind]
+    dense = None if mask is None else (valid if kind == "bool_padding" else mask.dense())
+
+    def ref(q, k, v):
+        return attention(q, k, v, dense, backend="xla", scale=D**-0.5)
+
+    def fused(q, k, v):
+        return fused_attention(q, k, v, mask, scale=D**-0.5, implementation="xla")
+
+    calls = []
+    kernel = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    _assert_same(ref, fused, (q, k, v), w, atol=2e-6, grad_atol=5e-6)
+    if kind in ("key_padding", "bool_padding"):  # lengths, and no (Lq, Lk) mask
+        assert calls[0].get("mask") is None and calls[0]["key_value_seq_lengths"] is not None
+        np.testing.assert_array_equal(fused(q, k, v)[2], 0.0)
+    elif kind == "streams":
+        assert calls[0]["mask"].shape[-2:] == (L, L)
 
 
 def test_auto_picks_blockwise_off_gpu_for_long_sequences_only():

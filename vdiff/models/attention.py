@@ -11,7 +11,9 @@ Backends (``model.attention``):
 - ``"blockwise"``: :mod:`vdiff.models.blockwise`, query and key/value tiles with an online
   softmax and a recomputing backward pass: O(L) memory in training, any platform.
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash
-  attention on NVIDIA GPUs; needs bfloat16/float16 inputs).
+  attention on NVIDIA GPUs; needs bfloat16/float16 inputs). Key padding goes in as
+  ``key_value_seq_lengths`` (valid keys moved to the front, :func:`fused_attention`), so
+  no ``Lq x Lk`` mask exists; only the cross-modal ablation's mask goes in dense.
 - ``"ring"``: context parallelism (:mod:`vdiff.parallel.context`): the sequence stays
   sharded over the mesh axis of logical ``tokens`` and key/value blocks travel
   around a ring with an online softmax. Without such an axis (one device, or
@@ -38,6 +40,8 @@ nor the backward pass sees ``softmax`` of an all ``-inf`` row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -191,21 +195,60 @@ def attention(
     if impl == "blockwise":
         tm = None if mask is None else _as_token_mask(mask, q, k)  # None: no per-tile masking
         return blockwise_attention(q, k, v, tm, scale=scale, block_q=BLOCK, block_k=BLOCK)
+    if impl == "cudnn":
+        return fused_attention(q, k, v, mask, scale=scale, implementation="cudnn")
     mask = _as_4d_mask(mask, q, k)
     if impl == "ring":  # handles masks, all-masked rows and padding itself
         return ring_attention(q, k, v, mask, scale=scale)
-    row_valid = None
-    if mask is not None:
-        row_valid = jnp.any(mask, axis=-1, keepdims=True)  # (B, H|1, Lq|1, 1)
-        first_key = jnp.arange(k.shape[1]) == 0
-        mask = mask | (~row_valid & first_key)
-    if impl == "xla":
-        out = _xla_attention(q, k, v, mask, scale)
-    else:
-        if mask is not None:
-            mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    if row_valid is not None:
-        # (B, H|1, Lq|1, 1) -> (B, Lq|1, H|1, 1) to match the output layout.
-        out = out * jnp.transpose(row_valid, (0, 2, 1, 3)).astype(out.dtype)
-    return out
+    dense, row_valid = _with_dummy_keys(mask, k)
+    return _zero_invalid_rows(_xla_attention(q, k, v, dense, scale), row_valid)
+
+
+def _with_dummy_keys(mask, k):
+    """``(mask, row_valid)``: rows with no valid key get key 0, to be zeroed afterwards."""
+    if mask is None:
+        return None, None
+    row_valid = jnp.any(mask, axis=-1, keepdims=True)  # (B, H|1, Lq|1, 1)
+    first_key = jnp.arange(k.shape[1]) == 0
+    return mask | (~row_valid & first_key), row_valid
+
+
+def _zero_invalid_rows(out, row_valid):
+    """Zeroes the rows :func:`_with_dummy_keys` gave a dummy key: ``row_valid``
+    ``(B, H|1, Lq|1, 1)`` against ``out (B, Lq, H, D)``."""
+    if row_valid is None:
+        return out
+    return out * jnp.transpose(row_valid, (0, 2, 1, 3)).astype(out.dtype)
+
+
+def _key_padding(mask, b: int, lk: int) -> jax.Array | None:
+    """``(B, Lk)`` valid keys when ``mask`` only pads keys (every query reads the same keys),
+    else None."""
+    if isinstance(mask, TokenMask):
+        return mask.key_valid() if mask.same_rows else None
+    mask = jnp.asarray(mask)
+    return mask if mask.ndim == 2 and mask.shape == (b, lk) else None
+
+
+def fused_attention(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU) without an O(L^2)
+    mask where the mask is key padding: the valid keys move to the front of each example
+    (attention does not depend on the keys' order) and ``key_value_seq_lengths`` counts
+    them. Other masks (the cross-modal ablation's) go in dense. ``implementation="xla"``
+    runs the same path on any platform, which is how the tests check it."""
+    b, lk = k.shape[0], k.shape[1]
+    run = functools.partial(
+        jax.nn.dot_product_attention, scale=scale, implementation=implementation
+    )
+    if mask is None:
+        return run(q, k, v)
+    valid = _key_padding(mask, b, lk)
+    if valid is None:
+        dense, row_valid = _with_dummy_keys(_as_4d_mask(mask, q, k), k)
+        dense = jnp.broadcast_to(dense, (b, dense.shape[1], q.shape[1], lk))
+        return _zero_invalid_rows(run(q, k, v, mask=dense), row_valid)
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :, None, None]  # valid keys first
+    k, v = (jnp.take_along_axis(x, order, axis=1) for x in (k, v))
+    count = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    out = run(q, k, v, key_value_seq_lengths=jnp.maximum(count, 1))  # 0 keys: one, zeroed
+    return out * (count > 0)[:, None, None, None].astype(out.dtype)
