@@ -146,7 +146,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.grad_clip = 1.0
     t.ema_decay = 0.999
     t.microbatches = 1
-    t.remat = "none"  # "none", "full", "save_dots", "offload"
+    # "none", "full", "save_dots", "save_dots_attention" (also keeps blockwise attention's
+    # output: no attention rerun in the backward pass), "offload" (accelerators)
+    t.remat = "none"
     t.param_dtype = "float32"
     t.compute_dtype = "float32"  # "bfloat16" on accelerators
     t.max_nonfinite = 5  # consecutive skipped steps before aborting

@@ -238,3 +238,25 @@ def test_splash_refuses_the_cross_modal_ablation_and_the_cpu():
         splash_attention(q, k, v, _stream_mask(), scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="TPU splash attention"):
         resolve_backend("splash", jnp.float32, D, (L, L))
+
+
+def test_save_dots_attention_keeps_the_output_instead_of_rerunning_the_forward():
+    from vdiff.models.dit import remat_policy
+
+    q, k, v, w = _qkv(seed=9)
+
+    def grad_fn(policy):
+        def attn(q, k, v):
+            return blockwise_attention(q, k, v, None, scale=D**-0.5, block_q=16, block_k=16)
+
+        f = jax.checkpoint(attn, policy=remat_policy(policy))
+        return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))
+
+    # The online softmax's running max is forward-only: once per forward pass in the program.
+    passes = {
+        p: str(jax.make_jaxpr(grad_fn(p))(q, k, v)).count("reduce_max")
+        for p in ("save_dots", "save_dots_attention")
+    }
+    assert passes["save_dots"] == 2 * passes["save_dots_attention"] > 0
+    for a, b in zip(grad_fn("save_dots")(q, k, v), grad_fn("save_dots_attention")(q, k, v)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)

@@ -327,6 +327,10 @@ def check_static(config: ml_collections.ConfigDict) -> None:
 
     if config.model.attention not in BACKENDS:
         raise UserError(f"model.attention={config.model.attention!r}: use one of {BACKENDS}")
+    from vdiff.models.dit import REMAT_POLICIES
+
+    if config.train.remat not in REMAT_POLICIES:
+        raise UserError(f"train.remat={config.train.remat!r}: use one of {REMAT_POLICIES}")
     optimizer = config.train.optimizer
     if optimizer not in ("adamw", "muon"):
         raise UserError(f"train.optimizer={optimizer!r}: use 'adamw' or 'muon'")

@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vdiff.models.token_mask import TokenMask
 from vdiff.parallel.sharding import active_mesh
@@ -185,6 +186,8 @@ def _attention(q, k, v, mask, scale, block_q, block_k):
 def _attention_fwd(q, k, v, mask, scale, block_q, block_k):
     fwd = functools.partial(_group_forward, scale=scale, block_q=block_q, block_k=block_k)
     out, lse = _by_group(fwd, q, k, v, mask)
+    # Named, so a remat policy can keep them rather than rerun the forward pass.
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return out, (q, k, v, mask, out, lse)
 
 

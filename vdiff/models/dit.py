@@ -80,7 +80,7 @@ from vdiff.models.token_mask import TokenMask, stream_mask
 
 constrain = sharding.constrain
 STREAMS = ("video", "audio", "text")
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_attention", "offload")
 
 
 # ----------------------------------------------------------------------------- patches
@@ -279,6 +279,10 @@ def remat_policy(name: str):
         "none": None,
         "full": cp.nothing_saveable,
         "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "save_dots_attention": cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable,
+            cp.save_only_these_names("attention_out", "attention_lse"),
+        ),
         # Keeps weight matmul outputs in pinned host memory (accelerators only).
         "offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
     }[name]
