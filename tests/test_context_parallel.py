@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import AxisType
 
 from vdiff.models.attention import attention, resolve_backend
+from vdiff.models.token_mask import TokenMask
 from vdiff.parallel import sharding
 from vdiff.parallel.context import context_axis, ring_attention
 
@@ -35,7 +36,14 @@ def masks(lq, lk):
     key_pad = jnp.arange(lk)[None] < lengths[:, None]
     rand = jax.random.bernoulli(jax.random.key(7), 0.6, (B, 1, lq, lk))
     rand = rand.at[1, :, 2, :].set(False)  # one fully masked query row
-    return {"none": None, "key_padding": key_pad, "random_4d": rand}
+    rng = np.random.default_rng(3)  # ids in 3 groups; example 1's group 2 reads nothing
+    table = jnp.asarray(rng.random((B, 3, 3)) < 0.6).at[1, 2].set(False)
+    ids = TokenMask(
+        jnp.asarray(rng.integers(0, 3, (B, lq)), jnp.int32),
+        jnp.asarray(rng.integers(0, 3, (B, lk)), jnp.int32),
+        table,
+    )
+    return {"none": None, "key_padding": key_pad, "random_4d": rand, "token_ids": ids}
 
 
 def loss(fn):
@@ -59,7 +67,7 @@ def ring_and_full(mesh, lq, lk, mask_name, seed=0):
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("mask_name", ["none", "key_padding", "random_4d"])
+@pytest.mark.parametrize("mask_name", ["none", "key_padding", "random_4d", "token_ids"])
 @pytest.mark.parametrize(
     "sizes,length",
     [(dict(data=2, context=4), 32), (dict(data=2, context=4), 30), (dict(context=8), 13)],
@@ -72,6 +80,17 @@ def test_ring_equals_full_attention(devices, sizes, length, mask_name):
     for a, b in zip(g_ring, g_full):
         assert bool(jnp.isfinite(a).all())
         np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_ring_builds_no_full_mask_from_ids(devices):
+    """With a TokenMask the ring holds ids and builds each block's mask: no (Lq, Lk) array."""
+    q, k, v = qkv(32, 32)
+    ids = masks(32, 32)["token_ids"]
+    with jax.set_mesh(mesh_of(data=2, context=4)), sharding.axis_rules(RULES):
+        hlo = jax.jit(ring_attention).lower(q, k, v, ids).as_text()
+        dense = jax.jit(ring_attention).lower(q, k, v, ids.dense()).as_text()
+    full = "x32x32xi1>"  # a (B, 1, 32, 32) boolean in the lowered module
+    assert full in dense and full not in hlo
 
 
 def test_masked_rows_are_zero_and_masked_keys_ignored(devices):

@@ -197,9 +197,10 @@ def attention(
         return blockwise_attention(q, k, v, tm, scale=scale, block_q=BLOCK, block_k=BLOCK)
     if impl == "cudnn":
         return fused_attention(q, k, v, mask, scale=scale, implementation="cudnn")
+    if impl == "ring":  # handles masks (ids as ids), all-masked rows and padding itself
+        ring_mask = mask if isinstance(mask, TokenMask) else _as_4d_mask(mask, q, k)
+        return ring_attention(q, k, v, ring_mask, scale=scale)
     mask = _as_4d_mask(mask, q, k)
-    if impl == "ring":  # handles masks, all-masked rows and padding itself
-        return ring_attention(q, k, v, mask, scale=scale)
     dense, row_valid = _with_dummy_keys(mask, k)
     return _zero_invalid_rows(_xla_attention(q, k, v, dense, scale), row_valid)
 

@@ -127,16 +127,34 @@ def _ring_loop(q, k, v, block_mask, *, axis, perm, steps: int, scale: float):
     return jnp.swapaxes(normalised(l_sum, acc), 1, 2).astype(dtype)
 
 
+def _ids_block_mask(mask: TokenMask, q_start, lq: int, lk: int, source):
+    """``block_mask(step)`` of a ring from a mask's ids (every device holds all of them, O(L)):
+    this device's ``lq`` query ids from ``q_start`` against the ``lk`` key ids of the block
+    ``source(step)`` it holds at that step."""
+    q_ids = jax.lax.dynamic_slice_in_dim(mask.q_groups, q_start, lq, axis=1)
+
+    def block_mask(step):
+        k_ids = jax.lax.dynamic_slice_in_dim(mask.k_groups, source(step) * lk, lk, axis=1)
+        return mask.block(q_ids, k_ids)[:, None]
+
+    return block_mask
+
+
 def _ring_body(q, k, v, mask, *, axis, n: int, scale: float):
     """Per-device ring loop: ``q (B, lq, H, D)``, ``k/v (B, lk, H, D)`` local blocks.
 
-    ``mask`` is ``(B, H|1, lq|1, n * lk)``: this device's query rows, all key columns.
+    ``mask`` is a :class:`TokenMask` (every device holds all ids), or dense
+    ``(B, H|1, lq|1, n * lk)``: this device's query rows, all key columns.
     """
-    lk = k.shape[1]
+    lq, lk = q.shape[1], k.shape[1]
     me = jax.lax.axis_index(axis)
+    source = lambda step: (me - step) % n  # noqa: E731  (whose K/V block we hold now)
+    if isinstance(mask, TokenMask):
+        block_mask = _ids_block_mask(mask, me * lq, lq, lk, source)
+    else:
 
-    def block_mask(step):  # the device whose key/value block we hold now: me - step
-        return jax.lax.dynamic_slice_in_dim(mask, ((me - step) % n) * lk, lk, axis=3)
+        def block_mask(step):
+            return jax.lax.dynamic_slice_in_dim(mask, source(step) * lk, lk, axis=3)
 
     perm = [(i, (i + 1) % n) for i in range(n)]
     return _ring_loop(q, k, v, block_mask, axis=axis, perm=perm, steps=n, scale=scale)
@@ -177,7 +195,8 @@ def ring_attention(
         q: queries ``(B, Lq, heads, head_dim)``.
         k: keys ``(B, Lk, heads, head_dim)``.
         v: values ``(B, Lk, heads, head_dim)``.
-        mask: boolean, True = attend; ``(B, Lk)`` or broadcastable to ``(B, heads, Lq, Lk)``.
+        mask: a :class:`TokenMask` (ids: no ``Lq x Lk`` array is built), or boolean,
+            True = attend, ``(B, Lk)`` or broadcastable to ``(B, heads, Lq, Lk)``.
         axis: mesh axis name(s) of the ring; default :func:`context_axis`.
         scale: logit scale; default ``head_dim ** -0.5``.
 
@@ -190,15 +209,18 @@ def ring_attention(
     b, lq, _, hd = q.shape
     lk = k.shape[1]
     scale = hd**-0.5 if scale is None else scale
-    mask = _full_mask(mask, b, lq, lk)
     lq_pad, lk_pad = -(-lq // n) * n, -(-lk // n) * n
     q, k, v = _pad_to(q, 1, lq_pad), _pad_to(k, 1, lk_pad), _pad_to(v, 1, lk_pad)
-    mask = _pad_to(mask, 3, lk_pad, False)
-    row_sharded = mask.shape[2] != 1
-    if row_sharded:
-        mask = _pad_to(mask, 2, lq_pad, False)
+    if isinstance(mask, TokenMask):  # ids, O(L): replicated, each block's mask built from them
+        mask = mask.pad(lq_pad, lk_pad)
+        mask_spec = jax.tree.map(lambda _: P(), mask)
+    else:
+        mask = _pad_to(_full_mask(mask, b, lq, lk), 3, lk_pad, False)
+        row_sharded = mask.shape[2] != 1
+        if row_sharded:
+            mask = _pad_to(mask, 2, lq_pad, False)
+        mask_spec = P(None, None, axis, None) if row_sharded else P()
     seq = P(None, axis, None, None)
-    mask_spec = P(None, None, axis, None) if row_sharded else P()
 
     def body(q, k, v, mask):
         return _ring_body(q, k, v, mask, axis=axis, n=n, scale=scale)
@@ -282,15 +304,9 @@ def ulysses_attention(
         if rings == 1:
             out = local_attention(q, k, v, mask, scale)
         else:
-            me = jax.lax.axis_index(axis)
-            g = me // group
-            q_ids = jax.lax.dynamic_slice_in_dim(mask.q_groups, g * seg, seg, axis=1)
-
-            def block_mask(step):  # the K/V segment of group g - step
-                src = (g - step) % rings
-                k_ids = jax.lax.dynamic_slice_in_dim(mask.k_groups, src * seg, seg, axis=1)
-                return mask.block(q_ids, k_ids)[:, None]
-
+            g = jax.lax.axis_index(axis) // group
+            source = lambda step: (g - step) % rings  # noqa: E731  (the K/V segment held)
+            block_mask = _ids_block_mask(mask, g * seg, seg, seg, source)
             perm = [(i, ((i // group + 1) % rings) * group + i % group) for i in range(n)]
             out = _ring_loop(q, k, v, block_mask, axis=axis, perm=perm, steps=rings, scale=scale)
         return jax.lax.all_to_all(
