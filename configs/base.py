@@ -96,10 +96,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.text_heads = 4
     m.text_attention = "joint"  # "joint" (MMDiT-style) or "cross"
     m.qk_norm = True
-    m.freeze_text = False
+    m.freeze_text = False  # the internal text encoder: no gradient into it, no update
     m.scan_layers = True
     # "auto": on a context mesh Ulysses (heads divide by the context) else ring; else cuDNN
-    # on GPU, splash on TPU, blockwise past 512 tokens, xla below. Or one of "xla",
+    # on GPU, splash on TPU, blockwise once a head's logits pass 512 x 512, xla below. Or one of "xla",
     # "blockwise", "cudnn", "splash" (TPU), "ring", "ulysses", "ulysses_ring" (vdiff/models/attention.py).
     m.attention = "auto"
     m.cross_modal = (

@@ -13,8 +13,8 @@ diffusion transformer reads (masked features are ignored, the pooled vector skip
 them), so the pad id does not matter.
 
 ``model.freeze_text``: the encoder is part of the DiT's parameters; freezing is the
-train step's job (it stops gradients / skips updates for the ``text_encoder``
-sub-tree, see :data:`TEXT_PARAMS`), not something this module does.
+train step's job (the Engine's ``frozen``: no gradient into the ``text_encoder``
+sub-tree and no update of it), not something this module does.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ from vdiff.models.rope import apply_rope, rope_angles_1d
 
 # Token id used for empty captions; any id works since masked tokens never reach the outputs.
 PAD_ID = 0
-
-# nnx filter selecting the text encoder parameters inside a DiT (for freezing).
-TEXT_PARAMS = nnx.All(nnx.Param, nnx.PathContains("text_encoder"))
 
 
 class TextBlock(nnx.Module):

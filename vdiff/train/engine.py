@@ -116,6 +116,18 @@ def _unbox(x):
     return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
+def _frozen_mask(params, frozen: tuple[str, ...]):
+    """A tree of bools like ``params``: True under a top-level submodule in ``frozen``;
+    None when nothing is frozen. An unknown name is an error, not a silent no-op."""
+    if not frozen:
+        return None
+    top = {path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    missing = sorted(set(frozen) - top)
+    if missing:
+        raise ValueError(f"frozen submodules {missing} are not in the model (it has {sorted(top)})")
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key in frozen, params)
+
+
 class Engine:
     """Sharded init and the jitted train step for one model/loss pair.
 
@@ -127,6 +139,9 @@ class Engine:
       microbatches: gradient accumulation steps per update.
       compute_dtype: dtype params are cast to inside the step (params stay fp32).
       max_nonfinite: consecutive skipped steps before :class:`NonFiniteError`.
+      frozen: top-level submodule names whose parameters are not trained: no gradient flows
+        into them (their backward pass is skipped) and the update leaves them exactly as
+        they are (no weight decay either).
     """
 
     def __init__(
@@ -142,6 +157,7 @@ class Engine:
         compute_dtype: str = "float32",
         max_nonfinite: int = 5,
         batch_axes: tuple[str, ...] = ("data", "fsdp"),
+        frozen: tuple[str, ...] = (),
     ):
         self.make_model = make_model
         self.loss_fn = loss_fn
@@ -159,6 +175,7 @@ class Engine:
         with shd.axis_rules(self.rules):
             abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
             self.graphdef, abs_params, self._rest = nnx.split(abstract, nnx.Param, ...)
+            self.frozen = _frozen_mask(abs_params, frozen)
             self.param_shardings = shd.state_shardings(abs_params, mesh, self.rules)
             self.abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
             self.state_shardings = self._shardings_for(self.abstract_state)
@@ -228,6 +245,8 @@ class Engine:
         params = state["params"]
 
         def loss_of(p, mb, key):
+            if self.frozen is not None:
+                p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, self.frozen)
             model = nnx.merge(self.graphdef, _cast(p, self.compute_dtype), self._rest)
             loss, metrics = self.loss_fn(model, mb, key)
             return loss.astype(jnp.float32), metrics
@@ -259,6 +278,10 @@ class Engine:
         )
         updates, new_opt = self.tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
+        if self.frozen is not None:  # weight decay would still move them
+            new_params = jax.tree.map(
+                lambda n, o, f: o if f else n, new_params, params, self.frozen
+            )
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -70,6 +70,7 @@ def _stage_engine(
     ema_decay=0.0,
     optimizer="adamw",
     muon_dims=None,
+    frozen=(),
 ) -> Engine:
     """An Engine with the shared train.* settings; ``warmup`` defaults to a tenth of the
     stage's steps at most (the short autoencoder stages)."""
@@ -93,6 +94,7 @@ def _stage_engine(
         microbatches=t.microbatches,
         compute_dtype=t.compute_dtype,
         max_nonfinite=t.max_nonfinite,
+        frozen=frozen,
     )
 
 
@@ -518,7 +520,15 @@ def dit_engine(
         ema_decay=t.ema_decay,
         optimizer=t.optimizer,
         muon_dims=DiT.muon_dims,
+        # A pretrained encoder is outside the model (and never trained); the internal one
+        # is part of it, trained unless model.freeze_text.
+        frozen=("text_encoder",) if freeze_internal_text(config) else (),
     )
+
+
+def freeze_internal_text(config) -> bool:
+    """Whether the transformer's own text encoder is held fixed (``model.freeze_text``)."""
+    return bool(config.model.freeze_text) and config.text.encoder == "internal"
 
 
 def dit_latent_fields(config, latents: LatentCache) -> dict[str, str]:
