@@ -9,8 +9,14 @@ log-sum-exp and accumulates ``dq``, ``dk``, ``dv`` tile by tile, so training mem
 O(L) too (the output, the log-sum-exp and the gradients), not the O(L^2) that
 differentiating through the loops would save.
 
-Masks come as :class:`~vdiff.models.token_mask.TokenMask` ids and are built per tile. A
-row with no valid key returns zeros and passes no gradient, as on every backend.
+Masks come as :class:`~vdiff.models.token_mask.TokenMask` ids and are built per tile
+(None: nothing masked, no tile masks). A row with no valid key returns zeros and passes no
+gradient, as on every backend.
+
+Layout, for speed on CPU (measured in docs/experiments.md): the tiles are head-major, and
+the (example, head) pairs are processed in groups whose tiles fit a few MiB, one group at
+a time, so they stay in cache; the backward pass computes tiles key-major and accumulates
+``dq`` transposed, so no tile product has a transposed operand.
 Sequence lengths need not divide the blocks: queries and keys are padded at the end, padded
 keys masked, padded rows cut off.
 """
