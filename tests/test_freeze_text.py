@@ -11,10 +11,12 @@ from vdiff.train.engine import _frozen_mask
 from vdiff.train.stages import dit_engine
 
 
-def _moved(freeze: bool, devices) -> dict[str, bool]:
-    """Top-level submodule -> whether any of its parameters changed in two steps."""
+def _moved(freeze: bool, devices, optimizer="adamw") -> tuple[dict[str, bool], int]:
+    """(top-level submodule -> whether any of its parameters changed in two steps, the
+    optimiser state's element count)."""
     cfg = tiny_config(dict(data=1))
     cfg.model.freeze_text = freeze
+    cfg.train.optimizer = optimizer
     cfg.train.weight_decay = 0.1  # decay alone would move a frozen weight
     engine = dit_engine(cfg, make_mesh(cfg, devices[:1]))
     state0 = perturbed_initial_state(engine)
@@ -28,14 +30,17 @@ def _moved(freeze: bool, devices) -> dict[str, bool]:
     for (path, a), b in zip(after, jax.tree.leaves(state0["params"])):
         key = path[0].key
         moved[key] = moved.get(key, False) or not np.array_equal(np.asarray(a), b)
-    return moved
+    return moved, sum(np.size(x) for x in jax.tree.leaves(state["opt"]))
 
 
 def test_frozen_text_encoder_stays_exactly_and_the_rest_trains(devices):
-    frozen, trained = _moved(True, devices), _moved(False, devices)
+    (frozen, frozen_opt), (trained, trained_opt) = _moved(True, devices), _moved(False, devices)
     assert trained["text_encoder"] and trained["blocks"]
     assert not frozen["text_encoder"]
     assert frozen["blocks"] and frozen["video_embed"]
+    assert frozen_opt < trained_opt  # no optimiser state for the frozen encoder
+    muon, _ = _moved(True, devices, "muon")  # Muon takes the encoder's matrices otherwise
+    assert not muon["text_encoder"] and muon["blocks"]
 
 
 def test_unknown_frozen_module_is_an_error():

@@ -140,8 +140,8 @@ class Engine:
       compute_dtype: dtype params are cast to inside the step (params stay fp32).
       max_nonfinite: consecutive skipped steps before :class:`NonFiniteError`.
       frozen: top-level submodule names whose parameters are not trained: no gradient flows
-        into them (their backward pass is skipped) and the update leaves them exactly as
-        they are (no weight decay either).
+        into them (their backward pass is skipped), and the optimiser leaves them out
+        (``optax.transforms.selective_transform``: no state for them, no weight decay).
     """
 
     def __init__(
@@ -164,7 +164,6 @@ class Engine:
         self.mesh = mesh
         self.rules = tuple(tuple(r) for r in rules)
         self.optim = optim
-        self.tx = optim.make()
         self.ema_decay = float(ema_decay)
         self.microbatches = int(microbatches)
         self.compute_dtype = DTYPES[compute_dtype]
@@ -176,6 +175,9 @@ class Engine:
             abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
             self.graphdef, abs_params, self._rest = nnx.split(abstract, nnx.Param, ...)
             self.frozen = _frozen_mask(abs_params, frozen)
+            self.tx = optim.make()
+            if self.frozen is not None:  # the optimiser never sees them: no state, no decay
+                self.tx = optax.transforms.selective_transform(self.tx, freeze_mask=self.frozen)
             self.param_shardings = shd.state_shardings(abs_params, mesh, self.rules)
             self.abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
             self.state_shardings = self._shardings_for(self.abstract_state)
@@ -278,10 +280,6 @@ class Engine:
         )
         updates, new_opt = self.tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
-        if self.frozen is not None:  # weight decay would still move them
-            new_params = jax.tree.map(
-                lambda n, o, f: o if f else n, new_params, params, self.frozen
-            )
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
